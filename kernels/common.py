@@ -1,0 +1,44 @@
+"""Device helpers shared by the lora_fast Triton kernels.
+
+NF4 layout (bitsandbytes): a weight of logical shape (N, K) is flattened row-major; element
+``f = n*K + k`` lives in byte ``f // 2`` of the packed uint8 buffer, in the HIGH nibble when
+``f`` is even and the LOW nibble when it is odd.  Its scale is ``absmax[f // blocksize]``.
+With double quantisation (``NESTED``) the absmax is itself a uint8 code:
+``absmax_fp32[b] = code2[absmax_q[b]] * absmax2[b // nested_blocksize] + offset``.
+The dequantised value is ``nf4_code[nibble] * absmax_fp32`` computed in fp32.
+
+Dropout: element ``(m, k)`` of an (M, K) activation is kept when
+``tl.rand(seed, m*K + k) >= p``; kept values are scaled by ``1/(1-p)``.  Every kernel that
+needs the mask regenerates it with this one function, so forward and backward agree and no
+mask is stored.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nf4_dequant_flat(
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset,
+    flat, mask, blocksize, nested_blocksize,
+    NESTED: tl.constexpr,
+):
+    """Dequantise the NF4 elements at flat indices ``flat`` (any shape) to fp32."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    nib = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    val = tl.load(code_ptr + nib, mask=mask, other=0.0)
+    blk = flat // blocksize
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(
+            absmax2_ptr + blk // nested_blocksize, mask=mask, other=0.0
+        ) + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return val * scale
+
+
+@triton.jit
+def dropout_keep_scale(seed, flat, p, inv_keep):
+    """``1/(1-p)`` where element ``flat`` is kept, 0 where dropped (fp32)."""
+    r = tl.rand(seed, flat)
+    return tl.where(r >= p, inv_keep, 0.0)
