@@ -1,0 +1,32 @@
+"""lora_fast: fused Triton/CUDA kernels for LoRA and QLoRA fine-tuning.
+
+Public API::
+
+    lora_fast.LoRALinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False)
+    lora_fast.NF4LoRALinear.from_linear(linear, r=8, ..., blocksize=64, double_quant=True)
+    lora_fast.NF4LoRALinear.from_bnb(linear4bit, r=8, lora_alpha=16, ...)
+    lora_fast.nf4.quantize(W, blocksize=64, double_quant=True)
+    lora_fast.save_adapter(model, path) / lora_fast.load_adapter(model, path)
+    lora_fast.dispatch_stats()
+"""
+from . import nf4
+from ._backend import BackendUnavailableError, dispatch_stats
+from .modules import LoRALinear, NF4LoRALinear, count_parameters, print_trainable_parameters
+from .ops import lora_linear
+from .adapter_io import AdapterLoadError, load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "BackendUnavailableError",
+    "LoRALinear",
+    "NF4LoRALinear",
+    "count_parameters",
+    "dispatch_stats",
+    "load_adapter",
+    "lora_linear",
+    "nf4",
+    "print_trainable_parameters",
+    "save_adapter",
+]

@@ -1,0 +1,120 @@
+"""Backend selection: ``LORA_FAST_BACKEND`` = auto | triton | cuda | torch.
+
+``auto`` picks the fastest backend available for the tensors at hand; naming a backend that
+cannot run raises :class:`BackendUnavailableError` (never a silent fallback).  Every time the
+``auto`` choice falls back to a slower path the reason is recorded, warned about once, and
+visible through :func:`dispatch_stats`.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
+from typing import Dict, Tuple
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+_lock = threading.Lock()
+_stats: "collections.Counter[Tuple[str, str]]" = collections.Counter()
+_warned: set = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend named by ``LORA_FAST_BACKEND`` (or by the caller) cannot run here."""
+
+
+def requested_backend() -> str:
+    """The backend asked for in the environment (read on every call, so tests may change it)."""
+    name = os.environ.get("LORA_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise BackendUnavailableError(
+            f"LORA_FAST_BACKEND={name!r} is not a backend; choose one of {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_status(device: torch.device) -> Tuple[bool, str]:
+    """(usable, reason) for the Triton backend on ``device``."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton is a dependency
+        return False, f"triton is not importable ({exc})"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return False, f"GPU compute capability {major}.x < 8.0 (bf16 tensor cores needed)"
+        return True, ""
+    if device.type == "cpu" and _interpreting():
+        return True, ""
+    return False, f"tensors on {device.type} (Triton needs CUDA, or TRITON_INTERPRET=1 on CPU)"
+
+
+def cuda_status(device: torch.device) -> Tuple[bool, str]:
+    """(usable, reason) for the CUDA C++ extension on ``device``."""
+    if device.type != "cuda":
+        return False, f"tensors on {device.type} (the CUDA extension needs a CUDA device)"
+    try:
+        from . import cuda_ext
+    except Exception as exc:
+        return False, f"CUDA extension module missing ({exc})"
+    return cuda_ext.status()
+
+
+def record(backend: str, path: str) -> None:
+    with _lock:
+        _stats[(backend, path)] += 1
+
+
+def warn_once(key: str, message: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def dispatch_stats(reset: bool = False) -> Dict[str, int]:
+    """How often each (backend, path) ran since start (or the last reset).
+
+    Keys are ``"backend:path"``, e.g. ``"triton:nf4_fused_gemm"`` or
+    ``"torch:fallback(cpu tensors)"``.  Use it to confirm that training hits the fast path.
+    """
+    with _lock:
+        out = {f"{b}:{p}": n for (b, p), n in sorted(_stats.items())}
+        if reset:
+            _stats.clear()
+    return out
+
+
+def select(device: torch.device, *, need_cuda_kernel: bool = False) -> str:
+    """The backend to run on ``device``: 'triton', 'cuda' or 'torch'."""
+    name = requested_backend()
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        ok, why = triton_status(device)
+        if not ok:
+            raise BackendUnavailableError(f"LORA_FAST_BACKEND=triton but Triton cannot run: {why}")
+        return "triton"
+    if name == "cuda":
+        ok, why = cuda_status(device)
+        if not ok:
+            raise BackendUnavailableError(f"LORA_FAST_BACKEND=cuda but the CUDA backend cannot run: {why}")
+        return "cuda"
+    # auto
+    if device.type != "cuda":
+        # CPU tensors: the reference is the CPU backend; that is the design, not a fallback.
+        return "torch"
+    ok, why = triton_status(device)
+    if ok:
+        return "triton"
+    warn_once(f"auto-fallback:{why}", f"lora_fast: falling back to the PyTorch reference backend: {why}")
+    record("torch", f"fallback({why})")
+    return "torch"

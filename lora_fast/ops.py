@@ -1,0 +1,218 @@
+"""The LoRA linear op: ``torch.library`` custom ops, their fake kernels and autograd.
+
+    lora_fast::lora_fwd(x (M,K), base..., bias?, A (r,K), B (N,r), seed) -> (y (M,N), xa (M,r) fp32)
+    lora_fast::lora_bwd(dy (M,N), x, xa, base..., A, B, seed, needs) -> (dx, dA, dB, dbias)
+
+The base is either a dense (N, K) weight or NF4 (bitsandbytes layout; the packed bytes are
+passed as ``weight`` plus absmax/absmax2/code2/code and the ints of ``nf4_meta``).  Both ops
+dispatch at run time to the backend chosen by :mod:`lora_fast._backend`; registering them as
+custom ops with fake kernels lets ``torch.compile(fullgraph=True)`` trace through a layer.
+
+Adapter weights keep their own dtype (PEFT keeps them fp32 under QLoRA); the kernels compute
+the adapter path in the activation dtype with fp32 accumulation and return dA/dB in the
+adapter dtype.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from . import _backend
+from . import reference as ref
+from ._operand import NF4Operand
+
+Tensor = torch.Tensor
+Base = Union[Tensor, NF4Operand]
+
+_EMPTY = torch.empty(0)
+
+
+def _operand(weight: Tensor, absmax, absmax2, code2, code, nf4_meta: List[int], offset: float) -> Base:
+    if not nf4_meta:
+        return weight
+    n, k, blocksize, nested_blocksize = nf4_meta
+    return NF4Operand(weight, absmax, absmax2, code2, float(offset), blocksize, nested_blocksize, (n, k), code)
+
+
+def _out_features(weight: Tensor, nf4_meta: List[int]) -> int:
+    return nf4_meta[0] if nf4_meta else weight.shape[0]
+
+
+def _dense(base: Base, dtype: torch.dtype) -> Tensor:
+    return ref.nf4_dequantize(base, dtype) if isinstance(base, NF4Operand) else base
+
+
+@torch.library.custom_op("lora_fast::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor,
+    weight: Tensor,
+    absmax: Optional[Tensor],
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    code: Optional[Tensor],
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    seed: Tensor,
+    scaling: float,
+    dropout_p: float,
+    nf4_meta: List[int],
+    offset: float,
+) -> Tuple[Tensor, Tensor]:
+    base = _operand(weight, absmax, absmax2, code2, code, nf4_meta, offset)
+    backend = _backend.select(x.device)
+    s = int(seed.item()) if dropout_p > 0 else 0
+    if backend == "triton":
+        from . import triton_backend
+
+        return triton_backend.forward(x, base, bias, A, B, scaling, dropout_p, s)
+    if backend == "cuda":
+        from . import cuda_ext
+
+        return cuda_ext.forward(x, base, bias, A, B, scaling, dropout_p, s)
+    _backend.record("torch", "reference")
+    mask = ref.dropout_scale_mask(s, x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
+    return ref.forward(x, _dense(base, x.dtype), bias, A, B, scaling, mask)
+
+
+@lora_fwd.register_fake
+def _(x, weight, absmax, absmax2, code2, code, bias, A, B, seed, scaling, dropout_p, nf4_meta, offset):
+    n = _out_features(weight, nf4_meta)
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_fast::lora_bwd", mutates_args=())
+def lora_bwd(
+    dy: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    weight: Tensor,
+    absmax: Optional[Tensor],
+    absmax2: Optional[Tensor],
+    code2: Optional[Tensor],
+    code: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    seed: Tensor,
+    scaling: float,
+    dropout_p: float,
+    nf4_meta: List[int],
+    offset: float,
+    needs: List[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    base = _operand(weight, absmax, absmax2, code2, code, nf4_meta, offset)
+    flags = [bool(v) for v in needs]
+    backend = _backend.select(dy.device)
+    s = int(seed.item()) if dropout_p > 0 else 0
+    if backend == "triton":
+        from . import triton_backend
+
+        out = triton_backend.backward(dy, x, xa, base, A, B, scaling, dropout_p, s, flags)
+    elif backend == "cuda":
+        from . import cuda_ext
+
+        out = cuda_ext.backward(dy, x, xa, base, A, B, scaling, dropout_p, s, flags)
+    else:
+        _backend.record("torch", "reference")
+        mask = ref.dropout_scale_mask(s, x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
+        out = ref.backward(dy, x, xa, _dense(base, dy.dtype), A, B, scaling, mask, flags)
+    return tuple(t if t is not None else dy.new_empty(0) for t in out)
+
+
+@lora_bwd.register_fake
+def _(dy, x, xa, weight, absmax, absmax2, code2, code, A, B, seed, scaling, dropout_p, nf4_meta, offset, needs):
+    n = _out_features(weight, nf4_meta)
+    shapes = [tuple(x.shape), tuple(A.shape), tuple(B.shape), (n,)]
+    dtypes = [x.dtype, A.dtype, B.dtype, dy.dtype]
+    return tuple(
+        dy.new_empty(shape if need else (0,), dtype=dt) for shape, dt, need in zip(shapes, dtypes, needs)
+    )
+
+
+_FWD_INPUTS = ("x", "weight", "absmax", "absmax2", "code2", "code", "bias", "A", "B", "seed")
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, absmax, absmax2, code2, code, bias, A, B, seed, scaling, dropout_p, nf4_meta, offset = inputs
+    _, xa = output
+    ctx.save_for_backward(x, xa, weight, absmax, absmax2, code2, code, A, B, seed)
+    ctx.scaling, ctx.dropout_p, ctx.nf4_meta, ctx.offset = scaling, dropout_p, list(nf4_meta), offset
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, dxa):
+    x, xa, weight, absmax, absmax2, code2, code, A, B, seed = ctx.saved_tensors
+    needs = [
+        int(ctx.needs_input_grad[0]),
+        int(ctx.needs_input_grad[7]),
+        int(ctx.needs_input_grad[8]),
+        int(ctx.has_bias and ctx.needs_input_grad[6]),
+    ]
+    dx, da, db, dbias = lora_bwd(
+        dy.contiguous() if dy.stride(-1) != 1 else dy,
+        x, xa, weight, absmax, absmax2, code2, code, A, B, seed,
+        ctx.scaling, ctx.dropout_p, ctx.nf4_meta, ctx.offset, needs,
+    )
+    grads = dict(
+        x=dx if needs[0] else None,
+        A=da if needs[1] else None,
+        B=db if needs[2] else None,
+        bias=dbias if needs[3] else None,
+    )
+    return tuple(grads.get(name) for name in _FWD_INPUTS) + (None, None, None, None)
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def lora_linear(
+    x: Tensor,
+    base: Base,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """LoRA linear ``y = x·W0ᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ`` through the selected backend.
+
+    x: (..., K) fp16/bf16/fp32.  base: dense (N, K) tensor or :class:`NF4Operand` of shape (N, K).
+    bias: (N,) or None.  lora_A: (r, K).  lora_B: (N, r).  Returns (..., N) in x's dtype.
+    Dropout (``dropout_p > 0``) uses a fresh seed drawn from torch's CPU generator; the mask
+    is regenerated from it in backward, never stored.
+    """
+    n, k = (base.shape if isinstance(base, NF4Operand) else tuple(base.shape))
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layer expects in_features={k}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input dtype {x.dtype} is not supported (use float16, bfloat16 or float32)")
+    wdev = base.device
+    if x.device != wdev:
+        raise ValueError(f"input is on {x.device} but the layer's weights are on {wdev}")
+    if lora_A.shape[1] != k or lora_B.shape[0] != n or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(
+            f"adapter shapes lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit a ({n}, {k}) base"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    else:
+        seed = torch.zeros((), dtype=torch.int64)
+    if isinstance(base, NF4Operand):
+        weight, absmax, absmax2, code2, code = base.packed, base.absmax, base.absmax2, base.code2, base.code
+        meta = [n, k, base.blocksize, base.nested_blocksize]
+        offset = base.offset
+    else:
+        weight, absmax, absmax2, code2, code, meta, offset = base, None, None, None, None, [], 0.0
+    y, _ = lora_fwd(
+        x2, weight, absmax, absmax2, code2, code, bias, lora_A, lora_B, seed,
+        float(scaling), float(dropout_p), meta, float(offset),
+    )
+    return y.reshape(*lead, n)
