@@ -52,8 +52,8 @@ setup(
     version="0.1.0",
     description="Fused Triton/CUDA kernels for LoRA and QLoRA fine-tuning",
     python_requires=">=3.9",
-    packages=["lora_fast", "lora_fast.kernels", "bench"],
-    package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels", "bench": "bench"},
+    packages=["lora_fast", "lora_fast.kernels"],
+    package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "bitsandbytes>=0.45", "safetensors", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],
