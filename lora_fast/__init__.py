@@ -14,6 +14,7 @@ from ._backend import BackendUnavailableError, dispatch_stats
 from .modules import LoRALinear, NF4LoRALinear, count_parameters, print_trainable_parameters
 from .ops import lora_linear
 from .adapter_io import AdapterLoadError, load_adapter, save_adapter
+from .patch import PatchReport, apply_lora, loraplus_param_groups, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,11 +23,16 @@ __all__ = [
     "BackendUnavailableError",
     "LoRALinear",
     "NF4LoRALinear",
+    "PatchReport",
+    "apply_lora",
     "count_parameters",
     "dispatch_stats",
     "load_adapter",
     "lora_linear",
+    "loraplus_param_groups",
     "nf4",
+    "patch",
     "print_trainable_parameters",
     "save_adapter",
+    "unpatch",
 ]

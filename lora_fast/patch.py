@@ -1,0 +1,448 @@
+"""Run existing PEFT LoRA models on lora_fast's kernels, or add LoRA without PEFT.
+
+    report = lora_fast.patch(peft_model)      # in place; report.converted / report.skipped
+    lora_fast.unpatch(peft_model)             # back to PEFT's own forward (weights are shared)
+    model = lora_fast.apply_lora(model, target_modules="all-linear", r=8, lora_alpha=16)
+    groups = lora_fast.loraplus_param_groups(model, lr=2e-4, lr_ratio=16.0)
+
+How :func:`patch` works
+-----------------------
+Each convertible PEFT layer (``peft.tuners.lora.Linear`` over an ``nn.Linear``, or over a
+bitsandbytes ``Linear4bit``; ``peft.tuners.lora.bnb.Linear4bit``) keeps its place, its
+attributes and its parameters; only its class is swapped for a subclass
+(``LoraFastLinear`` / ``LoraFastLinear4bit``) that overrides ``forward``.  So:
+
+* no tensor is copied or re-quantised: the forward reads the base layer's weight (dense, or the
+  bnb ``Params4bit`` bytes viewed as :class:`lora_fast.nf4.NF4Tensor`), and the active adapter's
+  ``lora_A[name].weight`` / ``lora_B[name].weight`` — the very Parameters PEFT created, so an
+  optimizer built before patching keeps training them;
+* everything else is PEFT's own code, inherited unchanged: ``save_pretrained`` (same module
+  paths and state-dict keys), ``set_adapter``, ``add_adapter``, ``add_weighted_adapter``,
+  ``merge``/``unmerge``/``merge_and_unload``, ``disable_adapter``, ``delete_adapter``;
+* with several active adapters (``base_model.set_adapter([...])``) the adapters are
+  concatenated along the rank (``A = [A1; A2]``, ``B = [s1·B1, s2·B2]``, scaling 1) and run as
+  one kernel call, which is exactly PEFT's sum; autograd carries the gradients back to each
+  adapter.  This needs dropout off (PEFT draws an independent mask per adapter).
+
+The forward falls back to PEFT's own forward — counted in :func:`lora_fast.dispatch_stats` as
+``peft:fallback(<reason>)`` and warned about once per reason — whenever the fast path would not
+compute what PEFT computes: mixed-adapter batches (``adapter_names=``), an active adapter
+that is a LoRA variant (DoRA, …) or has ``lora_bias``, several active adapters with dropout,
+extra forward arguments.  Disabled or merged adapters run the base layer only (PEFT's path,
+nothing to accelerate, not counted).
+
+Layers that cannot be converted at all are left alone and listed in ``report.skipped`` with
+the reason (DoRA/variant adapters, ``lora_bias``, ``fan_in_fan_out`` (GPT-2 ``Conv1D``), a base
+layer that is neither ``nn.Linear`` nor an NF4 ``Linear4bit``, embedding/conv LoRA layers, …);
+:func:`patch` warns once, listing them.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _backend
+from . import nf4 as nf4_mod
+from ._operand import NF4Operand
+from .modules import LoRALinear, NF4LoRALinear, _autocast_input
+from .ops import lora_linear
+
+Tensor = torch.Tensor
+
+__all__ = ["PatchReport", "patch", "unpatch", "apply_lora", "loraplus_param_groups"]
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: ``converted`` module names, ``skipped`` name → reason."""
+
+    converted: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"lora_fast.patch: {len(self.converted)} LoRA layers converted, {len(self.skipped)} skipped"]
+        by_reason = collections.defaultdict(list)
+        for name, why in self.skipped.items():
+            by_reason[why].append(name)
+        for why, names in by_reason.items():
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            lines.append(f"  skipped {len(names)}: {why}: {', '.join(names[:3])}{more}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the patched PEFT layer classes (built lazily so that PEFT stays an optional dependency; the
+# module-level __getattr__ makes them importable by name, e.g. for pickling)
+# --------------------------------------------------------------------------------------------
+
+_PATCHED: Dict[type, type] = {}
+_NAMES = {"LoraFastLinear": ("peft.tuners.lora.layer", "Linear"),
+          "LoraFastLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit")}
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _fallback(layer: nn.Module, reason: str) -> None:
+    _backend.record("peft", f"fallback({reason})")
+    _backend.warn_once(f"patch-fallback:{reason}", f"lora_fast: a patched PEFT layer ran PEFT's own forward: {reason}")
+
+
+class _FastForwardMixin:
+    """forward() of a patched PEFT LoRA layer; everything else is the PEFT class's."""
+
+    _lf_orig_cls: type
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        orig_forward = self._lf_orig_cls.forward
+        if args or any(v is not None for v in kwargs.values()):
+            if kwargs.get("adapter_names") is not None:
+                _fallback(self, "mixed-adapter batch (adapter_names=...)")
+            else:
+                _fallback(self, "extra forward arguments")
+            return orig_forward(self, x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return orig_forward(self, x)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return orig_forward(self, x)
+        for a in active:
+            if a in self.lora_variant:
+                _fallback(self, f"active adapter uses a LoRA variant ({type(self.lora_variant[a]).__name__})")
+                return orig_forward(self, x)
+            if self.lora_bias.get(a, False):
+                _fallback(self, "active adapter has lora_bias=True")
+                return orig_forward(self, x)
+        ps = [_dropout_p(self.lora_dropout[a]) for a in active]
+        if len(active) > 1 and any(p > 0 for p in ps):
+            _fallback(self, "several active adapters with dropout")
+            return orig_forward(self, x)
+
+        base_layer = self.get_base_layer()
+        if len(active) == 1:
+            a = active[0]
+            A, B, s, p = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], ps[0]
+        else:  # sum of adapters = one adapter of the concatenated rank
+            A = torch.cat([self.lora_A[a].weight for a in active], dim=0)
+            B = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], dim=1)
+            s, p = 1.0, 0.0
+        if _is_bnb_4bit(base_layer):
+            return _nf4_forward(self, base_layer, x, A, B, s, p)
+        x = _autocast_input(x)
+        bias = base_layer.bias
+        return lora_linear(x, base_layer.weight, None if bias is None else bias.to(x.dtype), A, B, s, p)
+
+
+def _dropout_p(module: nn.Module) -> float:
+    if isinstance(module, nn.Dropout):
+        return float(module.p) if module.training else 0.0
+    return 0.0
+
+
+def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
+    """The NF4 operand viewing the bnb weight's own tensors, cached while the weight is unchanged."""
+    w = base_layer.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        # bitsandbytes repacked the weight for its AVX512 CPU kernel (inference); restore the
+        # standard layout in place, as bitsandbytes itself does before saving.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        qs = w.quant_state
+    key = (id(w), w.data_ptr(), id(qs), w.device)
+    cached = layer.__dict__.get("_lf_nf4_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    q = nf4_mod.NF4Tensor.from_bnb(w)
+    op = NF4Operand(q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.nested_blocksize,
+                    (int(q.shape[0]), int(q.shape[1])), q.code)
+    layer.__dict__["_lf_nf4_cache"] = (key, op)
+    return op
+
+
+def _nf4_forward(layer, base_layer, x: Tensor, A: Tensor, B: Tensor, s: float, p: float) -> Tensor:
+    inp_dtype = x.dtype
+    compute = getattr(base_layer, "compute_dtype", None)
+    if compute is not None:  # as bnb's Linear4bit.forward: compute in compute_dtype, return inp dtype
+        x = x.to(compute)
+    else:
+        x = _autocast_input(x)
+    bias = base_layer.bias
+    y = lora_linear(x, _nf4_operand(layer, base_layer), None if bias is None else bias.to(x.dtype), A, B, s, p)
+    return y.to(inp_dtype)
+
+
+def _patched_class(orig: type) -> type:
+    cls = _PATCHED.get(orig)
+    if cls is None:
+        name = "LoraFast" + orig.__name__
+        cls = type(name, (_FastForwardMixin, orig), {"_lf_orig_cls": orig, "__module__": __name__})
+        cls.__qualname__ = name
+        _PATCHED[orig] = cls
+        globals()[name] = cls
+    return cls
+
+
+def __getattr__(name: str):  # module attribute hook: LoraFastLinear / LoraFastLinear4bit on demand
+    if name in _NAMES:
+        import importlib
+
+        mod, attr = _NAMES[name]
+        return _patched_class(getattr(importlib.import_module(mod), attr))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _supported_classes() -> Dict[type, str]:
+    from peft.tuners.lora.layer import Linear
+
+    out = {Linear: "dense"}
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        out[Linear4bit] = "bnb4"
+    except Exception:  # pragma: no cover - bitsandbytes missing
+        pass
+    return out
+
+
+def _skip_reason(mod: nn.Module) -> Optional[str]:
+    """Why a PEFT LoRA layer cannot be converted (None: it can)."""
+    supported = _supported_classes()
+    cls = type(mod)
+    if cls not in supported:
+        return f"unsupported PEFT layer type {cls.__module__}.{cls.__name__} (only linear LoRA layers are patched)"
+    if getattr(mod, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style transposed weight) is not supported"
+    base = mod.get_base_layer()
+    if _is_bnb_4bit(base):
+        try:
+            nf4_mod.NF4Tensor.from_bnb(base.weight)
+        except Exception as exc:
+            return f"unsupported 4-bit base layer: {exc}"
+    elif type(base) is not nn.Linear:
+        return f"unsupported base layer {type(base).__module__}.{type(base).__name__} (need nn.Linear or NF4 Linear4bit)"
+    elif not base.weight.dtype.is_floating_point:
+        return f"base weight dtype {base.weight.dtype} is not floating point"
+    adapters = [a for a in mod.active_adapters if a in mod.lora_A]
+    for a in adapters:
+        if a in mod.lora_variant or mod.use_dora.get(a, False):
+            variant = type(mod.lora_variant[a]).__name__ if a in mod.lora_variant else "DoraLinearVariant"
+            label = "DoRA" if "Dora" in variant else variant
+            return f"active adapter {a!r} uses {label}, which lora_fast does not implement"
+        if mod.lora_bias.get(a, False):
+            return f"active adapter {a!r} uses lora_bias=True"
+    if len(adapters) > 1 and any(isinstance(mod.lora_dropout[a], nn.Dropout) and mod.lora_dropout[a].p > 0
+                                 for a in adapters):
+        return f"several active adapters {adapters} with dropout: PEFT mixes them with independent masks"
+    return None
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Convert, in place, every PEFT LoRA linear layer of ``model`` to run on lora_fast.
+
+    ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers (the
+    model may also be wrapped by DDP: pass ``ddp.module``).  Tensors are shared, nothing is
+    re-quantised; see the module docstring.  Returns a :class:`PatchReport`; layers that are
+    skipped are listed there with a reason and warned about (once per call).
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except Exception as exc:  # pragma: no cover
+        raise ImportError("lora_fast.patch needs PEFT installed") from exc
+    report = PatchReport()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        if isinstance(mod, _FastForwardMixin):
+            report.converted.append(name)
+            continue
+        why = _skip_reason(mod)
+        if why is not None:
+            report.skipped[name] = why
+            continue
+        mod.__class__ = _patched_class(type(mod))
+        mod.__dict__.pop("_lf_nf4_cache", None)
+        report.converted.append(name)
+    if report.skipped:
+        warnings.warn(str(report), RuntimeWarning, stacklevel=2)
+    elif not report.converted:
+        warnings.warn("lora_fast.patch: the model has no PEFT LoRA layers; nothing was converted",
+                      RuntimeWarning, stacklevel=2)
+    return report
+
+
+def unpatch(model: nn.Module) -> List[str]:
+    """Give every patched layer its PEFT class back (weights are shared, so training is kept).
+    Returns the names of the layers restored."""
+    restored = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _FastForwardMixin):
+            mod.__class__ = mod._lf_orig_cls
+            mod.__dict__.pop("_lf_nf4_cache", None)
+            restored.append(name)
+    return restored
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA without PEFT
+# --------------------------------------------------------------------------------------------
+
+
+def _output_layer_names(model: nn.Module) -> set:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = None
+    if callable(get_out):
+        try:
+            out = get_out()
+        except Exception:
+            out = None
+    for name, mod in model.named_modules():
+        if (out is not None and mod is out) or name.rsplit(".", 1)[-1] == "lm_head":
+            names.add(name)
+    return names
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) and not isinstance(mod, (LoRALinear, NF4LoRALinear))
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str]] = "all-linear",
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Add LoRA to ``model`` without PEFT, in place, and return it.
+
+    ``target_modules`` follows PEFT: a list of names (a module matches when its path equals a
+    name or ends with ``"." + name``), a string regular expression (full match on the path),
+    or ``"all-linear"`` (every linear layer except the output layer, ``lm_head`` /
+    ``get_output_embeddings()``).  Matching ``nn.Linear`` layers become :class:`LoRALinear`
+    (weight shared) and bitsandbytes NF4 ``Linear4bit`` layers :class:`NF4LoRALinear`
+    (``from_bnb``: bytes shared).  Every other parameter is frozen; ``bias`` = ``"none"``,
+    ``"all"`` (all biases train) or ``"lora_only"`` (biases of the LoRA layers train).
+    """
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
+    excluded = _output_layer_names(model) if all_linear else set()
+    if isinstance(target_modules, str) and not all_linear:
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({exc})") from exc
+    else:
+        pattern = None
+    names = None if isinstance(target_modules, str) else list(target_modules)
+    if names is not None and not names:
+        raise ValueError("target_modules is empty")
+
+    def wanted(path: str, mod: nn.Module) -> bool:
+        if all_linear:
+            return _is_linear(mod) and path not in excluded
+        if pattern is not None:
+            return pattern.fullmatch(path) is not None
+        return any(path == t or path.endswith("." + t) for t in names)
+
+    matches = [(p, m) for p, m in model.named_modules() if p and wanted(p, m)]
+    if not matches:
+        raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}")
+    for path, mod in matches:
+        if not _is_linear(mod):
+            raise TypeError(f"target module {path} is a {type(mod).__name__}; only nn.Linear and NF4 "
+                            f"bitsandbytes Linear4bit layers can get LoRA")
+        if isinstance(mod, nn.Linear) and type(mod) is not nn.Linear and not _is_bnb_4bit(mod):
+            raise TypeError(f"target module {path} is a {type(mod).__module__}.{type(mod).__name__}, "
+                            f"not nn.Linear or an NF4 Linear4bit")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, mod in matches:
+        if _is_bnb_4bit(mod):
+            new = NF4LoRALinear.from_bnb(mod, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                         use_rslora=use_rslora)
+        else:
+            new = LoRALinear.from_linear(mod, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                         use_rslora=use_rslora)
+        new.train(mod.training)
+        parent_name, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    for mod in model.modules():
+        if isinstance(mod, (LoRALinear, NF4LoRALinear)):
+            mod.lora_A.requires_grad_(True)
+            mod.lora_B.requires_grad_(True)
+            if bias == "lora_only" and mod.bias is not None:
+                mod.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA+
+# --------------------------------------------------------------------------------------------
+
+
+def loraplus_param_groups(
+    model: nn.Module, lr: float, lr_ratio: float = 16.0, weight_decay: float = 0.0
+) -> List[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al., 2024): the B matrices learn at
+    ``lr_ratio · lr``, everything else trainable at ``lr``.
+
+    Works for lora_fast layers (``lora_B``) and PEFT layers (``lora_B.<adapter>.*``,
+    ``lora_embedding_B``).  ``weight_decay`` applies to matrices; 1-D parameters (biases, norms)
+    get none.  Only parameters with ``requires_grad`` are included, each once.  Empty groups are
+    left out; each group carries a ``"name"`` key (ignored by torch optimizers)::
+
+        opt = torch.optim.AdamW(lora_fast.loraplus_param_groups(model, lr=2e-4))
+    """
+    if lr <= 0 or lr_ratio <= 0:
+        raise ValueError(f"lr and lr_ratio must be positive, got lr={lr}, lr_ratio={lr_ratio}")
+    b_params = set()
+    for mod in model.modules():
+        if isinstance(mod, (LoRALinear, NF4LoRALinear)):
+            b_params.add(id(mod.lora_B))
+    groups = collections.OrderedDict(
+        (k, []) for k in ("lora_B", "lora_B_no_decay", "other", "other_no_decay")
+    )
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        parts = name.split(".")
+        is_b = id(p) in b_params or "lora_B" in parts or "lora_embedding_B" in parts
+        decay = p.dim() >= 2
+        key = ("lora_B" if is_b else "other") + ("" if decay else "_no_decay")
+        groups[key].append(p)
+    out = []
+    for key, params in groups.items():
+        if not params:
+            continue
+        out.append({
+            "params": params,
+            "lr": lr * lr_ratio if key.startswith("lora_B") else lr,
+            "weight_decay": weight_decay if not key.endswith("no_decay") else 0.0,
+            "name": key,
+        })
+    if not out:
+        raise ValueError("the model has no trainable parameters")
+    return out
