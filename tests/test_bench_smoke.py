@@ -1,0 +1,98 @@
+"""The benchmark suite's CPU smoke run, in-process: ``python -m bench --profile smoke``.
+
+Checks that it writes JSON and CSV with the documented fields, that every provider able to run
+on the CPU ran every case and passed parity (output and dX, dA, dB against fp64), and that the
+providers that need a GPU are listed as unavailable with a reason instead of crashing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from bench import cli, report
+
+GPU_ONLY = ("lora_fast_triton", "lora_fast_cuda", "lora_fast_dense_triton", "lora_fast_dense_cuda")
+META_KEYS = ("gpu", "compute_capability", "torch", "triton", "bitsandbytes", "peft", "transformers", "commit",
+             "timestamp", "profile", "timings_meaningful")
+SUMMARY_KEYS = ("model", "M", "r", "mode", "sum7", "ratio_to_ceiling", "speedup_vs_peft", "e2e")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_smoke")
+    lines = []
+    t = time.perf_counter()
+    res = cli.run(["--profile", "smoke", "--out", str(out)], log=lines.append)
+    res["_wall_s"] = time.perf_counter() - t
+    res["_log"] = lines
+    return res
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke profile is the CPU check; a GPU runs the full suite")
+def test_smoke_files_and_fields(smoke):
+    files = smoke["files"]
+    for key in ("json", "csv", "table"):
+        assert os.path.isfile(files[key]), f"{key} not written: {files}"
+    with open(files["json"]) as f:
+        data = json.load(f)
+    for key in ("schema", "meta", "profile", "providers", "hw", "summary", "e2e", "rows", "parity", "errors",
+                "skipped", "files"):
+        assert key in data, f"results JSON lacks {key!r}"
+    for key in META_KEYS:
+        assert key in data["meta"], f"meta lacks {key!r}"
+    assert data["meta"]["profile"] == "smoke"
+    assert data["meta"]["timings_meaningful"] is False
+    for key in SUMMARY_KEYS:
+        assert key in data["summary"], f"summary lacks {key!r}"
+    for p in ("peft_bnb", "torch_ref", "ceiling", "dequant_cublas", "lora_fast_torch"):
+        assert p in data["summary"]["sum7"], f"sum7 lacks {p}: {data['summary'].get('missing')}"
+    assert data["summary"]["ratio_to_ceiling"]["ceiling"] == pytest.approx(1.0)
+    assert data["summary"]["speedup_vs_peft"]["peft_bnb"] == pytest.approx(1.0)
+    with open(files["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, "CSV has no rows"
+    assert set(report.META_COLUMNS + report.ROW_COLUMNS) <= set(rows[0]), "CSV lacks columns"
+    assert len(rows) == len(data["rows"])
+    assert {r["case"] for r in rows} >= {"main", "msweep", "rsweep", "variants", "decode"}
+    assert any("timings are NOT meaningful on CPU" in line for line in smoke["_log"])
+    assert smoke["_wall_s"] < 120, f"smoke run took {smoke['_wall_s']:.0f}s"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke profile is the CPU check; a GPU runs the full suite")
+def test_smoke_providers_and_parity(smoke):
+    status = smoke["providers"]
+    for name in GPU_ONLY:
+        assert status[name]["available"] is False, f"{name} claims to run without a GPU"
+        assert "GPU" in status[name]["reason"] or "CUDA" in status[name]["reason"], status[name]
+    runnable = [n for n, s in status.items() if s["available"]]
+    for name in ("lora_fast_torch", "lora_fast_dense_torch", "peft_bnb", "dequant_cublas", "torch_ref", "ceiling"):
+        assert name in runnable, f"{name} should run on CPU: {status[name]['reason']}"
+    assert not smoke["errors"], "errors: " + "; ".join(f"{e['case']} {e['what']}: {e['error']}" for e in smoke["errors"])
+    bad_rows = [r for r in smoke["rows"] if r["status"] not in ("ok", "unavailable")]
+    assert not bad_rows, bad_rows[:3]
+    checked = {e["provider"] for e in smoke["parity"]}
+    assert checked == set(runnable) - {"ceiling", "bnb_base_only"}
+    failed = [e for e in smoke["parity"] if not e["ok"]]
+    assert not failed, [(e["provider"], e["proj"], e["bias"], e.get("error"),
+                         {k: e[k] for k in ("y", "dX", "dA", "dB") if isinstance(e.get(k), dict) and not e[k]["ok"]})
+                        for e in failed]
+    for e in smoke["parity"]:
+        for k in ("y", "dX", "dA", "dB"):
+            assert e[k]["max_err"] <= e[k]["bar"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke profile is the CPU check; a GPU runs the full suite")
+def test_smoke_e2e(smoke):
+    e2e = smoke["e2e"]
+    assert e2e is not None
+    for v in ("peft_bnb", "lora_fast"):
+        assert e2e[v]["status"] == "ok", e2e[v].get("error")
+        assert len(e2e[v]["losses"]) == e2e["config"]["warmup"] + e2e["config"]["steps"]
+    # same model, same adapter initialisation, same data: the loss curves agree to bf16 noise
+    assert e2e["max_abs_loss_diff"] < 0.05
+    assert smoke["summary"]["e2e"]["speedup_tokens_per_s"] is not None
