@@ -310,6 +310,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         raise ValueError(
             f"{type(model).__name__} holds no LoRA layers (lora_fast.LoRALinear / NF4LoRALinear or PEFT LoRA layers)"
         )
+    _check_peft_config_savable(model, adapter)
     tensors: Dict[str, Tensor] = {}
     ranks: Dict[str, int] = {}
     alphas: Dict[str, float] = {}
@@ -396,6 +397,27 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
             fh.write("\n")
 
     _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+
+
+def _check_peft_config_savable(model: nn.Module, adapter: Optional[str]) -> None:
+    """A PEFT model whose adapter trains more than lora_A/lora_B cannot be saved by this writer
+    (the extra weights would be lost silently): point to save_pretrained instead."""
+    cfgs = getattr(model, "peft_config", None)
+    if not isinstance(cfgs, dict) or adapter not in cfgs:
+        return
+    cfg = cfgs[adapter]
+    extras = []
+    if getattr(cfg, "modules_to_save", None):
+        extras.append(f"modules_to_save={cfg.modules_to_save!r}")
+    if getattr(cfg, "trainable_token_indices", None):
+        extras.append("trainable_token_indices")
+    if getattr(cfg, "bias", "none") != "none":
+        extras.append(f"bias={cfg.bias!r}")
+    if extras:
+        raise ValueError(
+            f"adapter {adapter!r} trains more than LoRA A/B ({', '.join(extras)}); lora_fast.save_adapter writes "
+            "only A/B — use the PEFT model's save_pretrained()"
+        )
 
 
 def _atomic_write(target: str, write) -> None:

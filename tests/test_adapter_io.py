@@ -229,6 +229,30 @@ def test_save_refuses_model_without_lora(base, tmp_path):
         save_adapter(base, str(tmp_path))
 
 
+@pytest.mark.parametrize("cfg, pattern", [
+    (dict(use_dora=True), r"uses a LoRA variant \(DoraLinearVariant\)"),
+    (dict(modules_to_save=["head"]), r"trains more than LoRA A/B \(modules_to_save=\['head'\]\)"),
+    (dict(bias="all"), r"trains more than LoRA A/B \(bias='all'\)"),
+])
+def test_save_refuses_peft_features_it_cannot_write(base, tmp_path, cfg, pattern):
+    pm = _peft_model(copy.deepcopy(base), **cfg)
+    with pytest.raises(ValueError, match=pattern):
+        save_adapter(pm, str(tmp_path))
+    assert not os.path.exists(tmp_path / "adapter_model.safetensors")
+
+
+def test_several_active_peft_adapters_need_a_name(base, x, tmp_path):
+    pm = _peft_model(copy.deepcopy(base))
+    pm.add_adapter("other", LoraConfig(r=2, target_modules=["up"]))
+    pm.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="several active PEFT adapters"):
+        save_adapter(pm, str(tmp_path))
+    save_adapter(pm, str(tmp_path), adapter_name="other")
+    sd = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert sorted(sd) == ["base_model.model.up.lora_A.weight", "base_model.model.up.lora_B.weight"]
+    assert sd["base_model.model.up.lora_A.weight"].shape == (2, 16)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -167,6 +167,24 @@ def test_saved_adapter_loads_in_plain_peft(nf4, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_merge_unmerge_follows_the_requantised_weight():
+    """PEFT's 4-bit merge/unmerge replaces the Params4bit: the patched forward must use the new one."""
+    ref = peft_model(nf4=True).eval()
+    fast = copy.deepcopy(ref)
+    lora_fast.patch(fast)
+    ids = batch()["input_ids"]
+    before = fast(ids).logits
+    for m in (ref, fast):
+        m.base_model.merge_adapter()
+        m.base_model.unmerge_adapter()  # re-quantised twice: no longer the original bytes
+    after = fast(ids).logits
+    torch.testing.assert_close(after, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-4)  # the NF4 rounding did change the base
+    merged = copy.deepcopy(fast).merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    torch.testing.assert_close(merged(ids).logits, after, rtol=0.05, atol=0.3)  # re-quantised merge: lossy
+
+
 def test_unpatch_restores_peft_with_trained_weights():
     pm = peft_model()
     lora_fast.patch(pm)
