@@ -21,12 +21,12 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class TimingCfg:
-    warm_ms: float = 25.0  # warm up for about this long ...
-    min_warm: int = 3  # ... but at least / at most this many calls
-    max_warm: int = 20
-    rep_ms: float = 150.0  # time about this long ...
-    min_rep: int = 15
-    max_rep: int = 100
+    warm_ms: float = 20.0  # warm up for about this long ...
+    min_warm: int = 2  # ... but at least / at most this many calls (after the first call)
+    max_warm: int = 10
+    rep_ms: float = 100.0  # time about this long ...
+    min_rep: int = 10
+    max_rep: int = 50
 
     def scaled(self, factor: float) -> "TimingCfg":
         return TimingCfg(

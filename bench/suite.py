@@ -23,6 +23,8 @@ from .providers import Assets, Built, LayerSpec, Provider, Unavailable, all_prov
 Tensor = torch.Tensor
 
 TRAIN_MODES = ("fwd", "bwd", "step")
+# most important first: the time budget skips from the end
+ORDER = ("hw", "parity", "main", "e2e", "decode", "msweep", "variants", "rsweep")
 
 
 def lora_flops(mode: str, M: int, K: int, N: int, r: int) -> float:
@@ -182,6 +184,7 @@ class Runner:
         """List every provider with its availability; probe each runnable one on a tiny layer."""
         for p in self.providers.values():
             entry: Dict[str, object] = {"available": False, "reason": "", "description": p.description}
+            t = time.perf_counter()
             try:
                 check_available(p, self.device, self.allow_interpret)
                 probe(p, self.device)
@@ -193,8 +196,10 @@ class Runner:
                 self.errors.append({"case": "probe", "what": p.name, "error": _short_error(exc),
                                     "traceback": "".join(traceback.format_exception(exc))[-4000:]})
                 self._recover()
+            entry["probe_s"] = round(time.perf_counter() - t, 2)  # first use: imports, JIT builds, compiles
             self.status[p.name] = entry
-            self.log(f"provider {p.name:<24} {'ok' if entry['available'] else entry['reason']}")
+            self.log(f"provider {p.name:<24} {'ok' if entry['available'] else entry['reason']} "
+                     f"({entry['probe_s']:.1f}s)")
 
     def _build(self, p: Provider, spec: LayerSpec) -> Built:
         return p.build(spec, self.assets)
@@ -257,7 +262,7 @@ class Runner:
                     t = harness.time_fn(fns[mode], self.dev, self.profile.timing)
                     if mode == "step" and memory:
                         peak = harness.peak_extra_mb(fns[mode], self.dev)
-                    self.add_row(case, spec, M, p.name, mode, timing=t, peak_mb=peak)
+                    self.add_row(case, spec, M, p.name, mode, timing=t, peak_mb=peak, note=b.note)
                     parts.append(f"{mode} {t.median_ms:8.3f}")
                 except Exception as exc:
                     msg = self.error(case, f"{what} {mode}", exc)
@@ -500,7 +505,7 @@ class Runner:
         if not self.dev.timings_meaningful:
             self.log("timings are NOT meaningful on CPU: this run checks that everything runs and agrees")
         self.check_providers()
-        order = ["hw", "parity", "main", "e2e", "msweep", "rsweep", "variants", "decode"]
+        order = list(ORDER)
         for case in order:
             if case not in cases:
                 continue
