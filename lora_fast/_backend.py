@@ -8,6 +8,7 @@ visible through :func:`dispatch_stats`.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 import warnings
@@ -40,6 +41,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def triton_status(device: torch.device) -> Tuple[bool, str]:
     """(usable, reason) for the Triton backend on ``device``."""
     try:
@@ -47,7 +53,7 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
     except Exception as exc:  # pragma: no cover - triton is a dependency
         return False, f"triton is not importable ({exc})"
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
+        major = _capability_major(device.index if device.index is not None else torch.cuda.current_device())
         if major < 8:
             return False, f"GPU compute capability {major}.x < 8.0 (bf16 tensor cores needed)"
         return True, ""

@@ -100,7 +100,8 @@ def test_unavailable_backend_raises(name, monkeypatch):
 
 def test_triton_backend_unavailable_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # (not via the environment: triton reads TRITON_INTERPRET once, when it is first imported)
+    monkeypatch.setattr(lora_fast._backend, "_interpreting", lambda: False)
     x, w, b, a, bb = _inputs(2, 4, 3, 1, torch.float32)
     with pytest.raises(lora_fast.BackendUnavailableError, match="Triton"):
         lora_fast.lora_linear(x, w, b, a, bb, 1.0)
