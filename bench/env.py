@@ -189,8 +189,11 @@ def _version(mod: str) -> Optional[str]:
 
 
 def git_commit() -> Dict[str, object]:
-    """HEAD of the checkout holding bench/ and whether it has local changes (None without git)."""
-    out: Dict[str, object] = {"commit": None, "dirty": None}
+    """HEAD of the checkout holding bench/ and whether it has local changes (None without git;
+    ``BENCH_COMMIT`` overrides, for a copy of the tree without .git on a GPU machine)."""
+    out: Dict[str, object] = {"commit": os.environ.get("BENCH_COMMIT") or None, "dirty": None}
+    if out["commit"]:  # set by whoever copied the tree to a machine without .git
+        return out
     try:
         out["commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True

@@ -257,6 +257,8 @@ def render(res: Dict, profile) -> str:
         lines.append("decode (inference forward, input (1, M, K)), µs: CUDA-graph replay [eager]")
         body = []
         for s in profile.shapes((profile.primary,)):
+            if not any(r["proj"] == s.key for r in dec):
+                continue  # skipped (time budget)
             for m in profile.decode_M:
                 fl = _lookup(dec, proj=s.key, M=m, provider="nf4_floor")
                 cells = [_fmt(fl["ms"], "us") if fl else "-"]

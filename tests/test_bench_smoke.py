@@ -96,3 +96,20 @@ def test_smoke_e2e(smoke):
     # same model, same adapter initialisation, same data: the loss curves agree to bf16 noise
     assert e2e["max_abs_loss_diff"] < 0.05
     assert smoke["summary"]["e2e"]["speedup_tokens_per_s"] is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real h100 path runs instead")
+def test_dry_run_exercises_gpu_path(tmp_path):
+    """``--dry-run``: the h100 profile's GPU code path (events, peak-memory reads, CUDA-graph
+    decode) on the CPU with stand-ins, shapes mapped down; it must run without an error."""
+    res = cli.run(["--profile", "h100", "--dry-run", "--quick", "--cases", "main", "decode", "--no-plots",
+                   "--providers", "lora_fast_torch,peft_bnb,dequant_cublas,torch_ref,ceiling,bnb_base_only",
+                   "--out", str(tmp_path)], log=lambda s: None)
+    assert res["meta"]["profile"] == "h100-dryrun-quick"
+    assert not res["errors"], res["errors"][:2]
+    graph = [r for r in res["rows"] if r["mode"] == "decode_graph"]
+    assert graph and all(r["status"] == "ok" for r in graph)
+    steps = [r for r in res["rows"] if r["case"] == "main" and r["mode"] == "step"]
+    assert steps and all(r["peak_extra_MB"] is not None for r in steps)
+    assert {s["proj"] for s in steps} == {"q_proj,o_proj", "k_proj,v_proj", "gate_proj,up_proj", "down_proj"}
+    assert set(res["summary"]["sum7"]) >= {"peft_bnb", "ceiling", "lora_fast_torch"}
