@@ -126,7 +126,9 @@ class LoRALinear(_LoRABase):
         if _bias is not None:
             self.bias = nn.Parameter(_bias, requires_grad=False)
         elif bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=_weight.device, dtype=_weight.dtype), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
         self._init_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
@@ -147,7 +149,8 @@ class LoRALinear(_LoRABase):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         return cls(
             linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
-            adapter_dtype=adapter_dtype, _weight=linear.weight.data, _bias=None if linear.bias is None else linear.bias.data,
+            bias=linear.bias is not None, adapter_dtype=adapter_dtype,
+            _weight=linear.weight.data, _bias=None if linear.bias is None else linear.bias.data,
         )
 
     def _base_dtype(self) -> torch.dtype:

@@ -162,3 +162,10 @@ def test_autocast_runs_in_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(torch.randn(3, 16))
     assert y.dtype == torch.bfloat16
+
+
+def test_from_linear_without_bias_has_no_bias():
+    layer = LoRALinear.from_linear(_linear(16, 8, bias=False), r=2)
+    assert layer.bias is None
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), x @ layer.weight.t())
