@@ -1,16 +1,20 @@
 """Triton backend of the LoRA op: composes the kernels of ``kernels/`` into forward/backward.
 
-Two regimes, chosen per call by :func:`plan` (thresholds measured on the GPU, see bench/NOTES.md):
+Regimes, chosen per call by :func:`plan`:
 
-* ``fused``: one Triton GEMM per pass with the NF4 dequantisation in its main loop and the
-  adapter in its epilogue (``Y = X·deq(W0)ᵀ + s·XA·Bᵀ + bias``; ``dX = dY·deq(W0) + s·(dY·B)·A⊙m``),
-  plus one pass over X for ``XA`` and one over dY for ``dY·B`` and ``dB``.  Reads the 4-bit
-  weight once per pass: the right choice when the weight dominates the bytes (small M).
-* ``merged`` (no dropout, large M): ``W_eff = deq(W0) + s·B·A`` is built in one Triton pass into
-  a transient buffer (freed after use, never kept between forward and backward) and a single
-  cuBLAS GEMM computes ``Y = X·W_effᵀ`` and ``dX = dY·W_eff`` -- exact algebra, and the
-  adapter costs no extra pass over Y or dX.  ``XA``/``dY·B``/``dB``/``dA`` come from the same
-  low-rank passes as in the fused regime.
+* ``merged`` (no dropout): ``W_eff = deq(W0) + s·B·A`` is built in one Triton pass into a
+  transient buffer (freed after use, never kept between forward and backward) and a single
+  cuBLAS GEMM computes ``Y = X·W_effᵀ`` and ``dX = dY·W_eff`` -- exact algebra, and the adapter
+  costs no pass over Y or dX.  ``XA``/``dY·B``/``dB``/``dA`` come from the low-rank passes.
+* ``dequant`` (dropout > 0): the adapter sees ``drop(X)``, so it cannot be folded into the
+  weight.  ``deq(W0)`` goes to a transient buffer and the Triton GEMM adds the adapter in its
+  epilogue (``Y = X·Wᵀ + s·XA·Bᵀ``; ``dX = dY·W + s·(dY·B)·A⊙m`` with the mask regenerated).
+* ``fused``: the same Triton GEMM with the NF4 dequantisation inside its main loop (no
+  buffer at all).  On an H100 this lost at every M measured (e.g. gate_proj step at M=64:
+  6.2 ms against 1.8 ms merged at M=256, q_proj with dropout at M=8192: 63 ms), so it runs only
+  when ``LORA_FAST_TRITON_PATH=fused`` asks for it; decode-sized NF4 forwards go to the CUDA
+  GEMV under ``auto`` instead (see ops.py).  ``LORA_FAST_TRITON_PATH`` = merged | dequant |
+  fused forces a regime where it is valid (tests use it).
 """
 from __future__ import annotations
 
@@ -27,22 +31,19 @@ from ._operand import NF4Operand
 Tensor = torch.Tensor
 Base = Union[Tensor, NF4Operand]
 
-# M at or above which the merged (transient W_eff + cuBLAS) regime is used when dropout is 0.
-# Set from the M sweep in bench/NOTES.md; LORA_FAST_MERGE_MIN_M overrides it (tests use it to
-# force each regime).
-MERGE_MIN_M = 256
-
-
-def _merge_min_m() -> int:
-    v = os.environ.get("LORA_FAST_MERGE_MIN_M")
-    return int(v) if v else MERGE_MIN_M
+PATHS = ("merged", "dequant", "fused")
 
 
 def plan(m: int, dropout_p: float, device: torch.device) -> str:
-    """'merged' or 'fused' for a call with ``m`` rows."""
-    if dropout_p == 0.0 and m >= _merge_min_m():
-        return "merged"
-    return "fused"
+    """The regime of a call with ``m`` rows: 'merged', 'dequant' or 'fused' (module docstring)."""
+    forced = os.environ.get("LORA_FAST_TRITON_PATH", "").strip().lower()
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"LORA_FAST_TRITON_PATH={forced!r} is not one of {', '.join(PATHS)}")
+        if forced == "merged" and dropout_p > 0:
+            return "dequant"  # the adapter sees drop(X): it cannot be folded into the weight
+        return forced
+    return "merged" if dropout_p == 0.0 else "dequant"
 
 
 def _effective_weight(base: Base, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -54,6 +55,12 @@ def _effective_weight(base: Base, A: Tensor, B: Tensor, scaling: float, dtype: t
     if isinstance(base, NF4Operand):
         return dequant_nf4(base, out_dtype=dtype, merge=(A, B, scaling))
     return dense_merge(base, A, B, scaling=scaling, out_dtype=dtype)
+
+
+def _dequantized(base: Base, dtype: torch.dtype) -> Tensor:
+    if isinstance(base, NF4Operand):
+        return dequant_nf4(base, out_dtype=dtype)
+    return base
 
 
 def _kind(base: Base) -> str:
@@ -75,7 +82,8 @@ def forward(
         else:
             y = x @ w_eff.t()
         return y, xa
-    y = lora_gemm(x, base, w_transposed=False, p=xa, q=B.t(), scaling=scaling, bias=bias)
+    w = _dequantized(base, x.dtype) if path == "dequant" else base
+    y = lora_gemm(x, w, w_transposed=False, p=xa, q=B.t(), scaling=scaling, bias=bias)
     return y, xa
 
 
@@ -97,14 +105,15 @@ def backward(
     path = plan(m, dropout_p, dy.device)
     _backend.record("triton", f"bwd_{path}_{_kind(base)}")
     dyb = db = None
-    if need_da or need_db or (need_dx and path == "fused"):
+    if need_da or need_db or (need_dx and path != "merged"):
         dyb, db = dy_pass(dy, B, xa, scaling=scaling)
     dx = None
     if need_dx:
         if path == "merged":
             dx = dy @ _effective_weight(base, A, B, scaling, dy.dtype)
         else:
-            dx = lora_gemm(dy, base, w_transposed=True, p=dyb, q=A, scaling=scaling,
+            w = _dequantized(base, dy.dtype) if path == "dequant" else base
+            dx = lora_gemm(dy, w, w_transposed=True, p=dyb, q=A, scaling=scaling,
                            dropout_p=dropout_p, seed=seed)
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)

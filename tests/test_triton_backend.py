@@ -41,10 +41,10 @@ def _ref64(layer, x, dy, mask):
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nf4", [False, True])
-@pytest.mark.parametrize("regime", ["fused", "merged"])
+@pytest.mark.parametrize("regime", ["fused", "merged", "dequant"])
 def test_triton_backend_parity(m, k, n, r, dtype, nf4, regime, monkeypatch):
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
-    monkeypatch.setenv("LORA_FAST_MERGE_MIN_M", "1" if regime == "merged" else "1000000000")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", regime)
     torch.manual_seed(1)
     lin = torch.nn.Linear(k, n, bias=(m % 2 == 1), device=DEV, dtype=dtype)
     layer = (NF4LoRALinear if nf4 else LoRALinear).from_linear(lin, r=r, lora_alpha=2 * r)
@@ -62,10 +62,12 @@ def test_triton_backend_parity(m, k, n, r, dtype, nf4, regime, monkeypatch):
 
 
 @pytest.mark.parametrize("nf4", [False, True])
-def test_triton_dropout_same_mask_forward_backward(nf4, monkeypatch):
+@pytest.mark.parametrize("regime", ["", "fused"])
+def test_triton_dropout_same_mask_forward_backward(nf4, regime, monkeypatch):
     from lora_fast._lowrank import dropout_mask
 
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", regime)
     m, k, n, r, p = 33, 80, 24, 8, 0.25
     dtype = torch.float32
     lin = torch.nn.Linear(k, n, device=DEV, dtype=dtype)
@@ -86,3 +88,11 @@ def test_triton_dropout_same_mask_forward_backward(nf4, monkeypatch):
     # a second step draws a new mask
     got2 = _run(layer, x, dy)
     assert not torch.equal(got2[0], got[0])
+
+
+def test_bad_triton_path(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", "fastest")
+    layer = LoRALinear.from_linear(torch.nn.Linear(16, 8, device=DEV), r=2)
+    with pytest.raises(ValueError, match="LORA_FAST_TRITON_PATH"):
+        layer(torch.randn(2, 16, device=DEV))
