@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session of lora_fast on the lent machine: install, parity tests, CUDA self-check,
+# benchmark.  Usage: bash bench/gpu_run.sh [tests] [cuda] [bench ARGS...]
+# bitsandbytes travels unpacked in .whl/site (the machine cannot reach a registry).
+set -uo pipefail
+OUT=${OUT:-/tmp/lora_fast_gpu}; mkdir -p "$OUT"
+export PYTHONPATH="$PWD/.whl/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export LORA_FAST_SKIP_CUDA_BUILD=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+python3 - <<'PY'
+import torch, triton
+print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability(), "torch", torch.__version__, "triton", triton.__version__)
+try:
+    import bitsandbytes, peft, transformers
+    print("bnb", bitsandbytes.__version__, "peft", peft.__version__, "transformers", transformers.__version__)
+except Exception as e:
+    print("import problem:", e)
+PY
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests) shift; timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    cuda) shift; timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -30 ;;
+    bench) shift; timeout "${BENCH_TIMEOUT:-400}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
+    *) echo "unknown stage $1"; exit 2 ;;
+  esac
+done
