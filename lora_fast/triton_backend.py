@@ -32,6 +32,38 @@ Tensor = torch.Tensor
 Base = Union[Tensor, NF4Operand]
 
 PATHS = ("merged", "dequant", "fused")
+LOWRANK = ("triton", "cublas")
+
+
+def _lowrank_impl(dropout_p: float) -> str:
+    """Who runs the skinny adapter GEMMs (XA, dY·B, dB, dA): the Triton passes of
+    ``kernels/lowrank.py`` (one read of dY for dY·B and dB) or cuBLAS (``LORA_FAST_LOWRANK=cublas``,
+    four library calls; dropout always uses Triton, which regenerates the mask in-kernel).  Kept
+    selectable so the bench can compare them on each GPU (bench/NOTES.md)."""
+    name = os.environ.get("LORA_FAST_LOWRANK", "triton").strip().lower() or "triton"
+    if name not in LOWRANK:
+        raise ValueError(f"LORA_FAST_LOWRANK={name!r} is not one of {', '.join(LOWRANK)}")
+    return "triton" if dropout_p > 0 else name
+
+
+def _xa(x: Tensor, A: Tensor, dropout_p: float, seed: int) -> Tensor:
+    if _lowrank_impl(dropout_p) == "cublas":
+        return (x @ A.to(x.dtype).t()).float()
+    return xa_forward(x, A, dropout_p=dropout_p, seed=seed)
+
+
+def _dy(dy: Tensor, B: Tensor, xa: Tensor, scaling: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
+    if _lowrank_impl(dropout_p) == "cublas":
+        dyb = (dy @ B.to(dy.dtype)).float()
+        db = torch.mm(dy.t(), xa.to(dy.dtype)).mul_(scaling).to(B.dtype)
+        return dyb, db
+    return dy_pass(dy, B, xa, scaling=scaling)
+
+
+def _da(dyb: Tensor, x: Tensor, scaling: float, dropout_p: float, seed: int, out_dtype: torch.dtype) -> Tensor:
+    if _lowrank_impl(dropout_p) == "cublas":
+        return torch.mm(dyb.to(x.dtype).t(), x).mul_(scaling).to(out_dtype)
+    return da_pass(dyb, x, scaling=scaling, dropout_p=dropout_p, seed=seed, out_dtype=out_dtype)
 
 
 def plan(m: int, dropout_p: float, device: torch.device) -> str:
@@ -72,7 +104,7 @@ def forward(
 ) -> Tuple[Tensor, Tensor]:
     """x (M, K) -> (y (M, N) in x.dtype, xa (M, r) fp32)."""
     m = x.shape[0]
-    xa = xa_forward(x, A, dropout_p=dropout_p, seed=seed)
+    xa = _xa(x, A, dropout_p, seed)
     path = plan(m, dropout_p, x.device)
     _backend.record("triton", f"fwd_{path}_{_kind(base)}")
     if path == "merged":
@@ -106,7 +138,7 @@ def backward(
     _backend.record("triton", f"bwd_{path}_{_kind(base)}")
     dyb = db = None
     if need_da or need_db or (need_dx and path != "merged"):
-        dyb, db = dy_pass(dy, B, xa, scaling=scaling)
+        dyb, db = _dy(dy, B, xa, scaling, dropout_p)
     dx = None
     if need_dx:
         if path == "merged":
@@ -117,6 +149,6 @@ def backward(
                            dropout_p=dropout_p, seed=seed)
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
-    da = da_pass(dyb, x, scaling=scaling, dropout_p=dropout_p, seed=seed, out_dtype=A.dtype) if need_da else None
+    da = _da(dyb, x, scaling, dropout_p, seed, A.dtype) if need_da else None
     dbias = dy.sum(0) if need_dbias else None
     return dx, da, (db if need_db else None), dbias

@@ -41,10 +41,12 @@ def _ref64(layer, x, dy, mask):
 @pytest.mark.parametrize("m,k,n,r", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nf4", [False, True])
-@pytest.mark.parametrize("regime", ["fused", "merged", "dequant"])
+@pytest.mark.parametrize("regime", ["fused", "merged", "dequant", "merged+cublas"])
 def test_triton_backend_parity(m, k, n, r, dtype, nf4, regime, monkeypatch):
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    regime, _, lowrank = regime.partition("+")
     monkeypatch.setenv("LORA_FAST_TRITON_PATH", regime)
+    monkeypatch.setenv("LORA_FAST_LOWRANK", lowrank or "triton")
     torch.manual_seed(1)
     lin = torch.nn.Linear(k, n, bias=(m % 2 == 1), device=DEV, dtype=dtype)
     layer = (NF4LoRALinear if nf4 else LoRALinear).from_linear(lin, r=r, lora_alpha=2 * r)
