@@ -406,6 +406,13 @@ def all_providers() -> Dict[str, Provider]:
             # Triton: the rank sweep and the variants would time the Triton path twice
             cases=frozenset({"parity", "main", "msweep", "decode"}) if backend == "cuda" else ALL_CASES,
         )
+    out["lora_fast_triton_cublaslr"] = Provider(
+        "lora_fast_triton_cublaslr",
+        "lora_fast_triton with the skinny adapter GEMMs on cuBLAS (LORA_FAST_LOWRANK=cublas)",
+        _build_lora_fast_nf4, env={"LORA_FAST_BACKEND": "triton", "LORA_FAST_LOWRANK": "cublas"},
+        needs=("lora_fast", "bnb"), lora_fast_backend="triton",
+        cases=frozenset({"parity", "main", "msweep"}),
+    )
     for backend in ("triton", "cuda", "torch"):
         out[f"lora_fast_dense_{backend}"] = Provider(
             f"lora_fast_dense_{backend}",
@@ -437,7 +444,7 @@ def all_providers() -> Dict[str, Provider]:
 def default_names(on_cuda: bool) -> List[str]:
     """Providers a run lists by default.  On a GPU the Triton and CUDA backends; on the CPU the
     torch backend (the reference), with Triton and CUDA still listed so their absence is shown."""
-    lf = ["lora_fast_triton", "lora_fast_cuda"] + ([] if on_cuda else ["lora_fast_torch"])
+    lf = ["lora_fast_triton", "lora_fast_cuda"] + (["lora_fast_triton_cublaslr"] if on_cuda else ["lora_fast_torch"])
     dense = ["lora_fast_dense_triton", "lora_fast_dense_cuda"] + ([] if on_cuda else ["lora_fast_dense_torch"])
     return lf + ["peft_bnb", "dequant_cublas", "torch_ref", "ceiling"] + dense + ["bnb_base_only"]
 
