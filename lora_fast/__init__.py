@@ -12,7 +12,7 @@ Public API::
 from . import nf4
 from ._backend import BackendUnavailableError, dispatch_stats
 from .modules import LoRALinear, NF4LoRALinear, count_parameters, print_trainable_parameters
-from .ops import lora_linear
+from .ops import lora_linear, lora_linear_grouped
 from .adapter_io import AdapterLoadError, load_adapter, save_adapter
 from .patch import PatchReport, apply_lora, loraplus_param_groups, patch, unpatch
 
@@ -29,6 +29,7 @@ __all__ = [
     "dispatch_stats",
     "load_adapter",
     "lora_linear",
+    "lora_linear_grouped",
     "loraplus_param_groups",
     "nf4",
     "patch",

@@ -270,3 +270,115 @@ def lora_linear(
         float(scaling), float(dropout_p), meta, float(offset),
     )
     return y.reshape(*lead, n)
+
+
+def _group_operands(layers) -> List[Tuple[Base, Optional[Tensor], Tensor, Tensor, float]]:
+    out = []
+    for layer in layers:
+        base = layer.operand() if hasattr(layer, "operand") else layer.weight
+        out.append((base, layer.bias, layer.lora_A, layer.lora_B, float(layer.scaling)))
+    return out
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    """Layers that read the same X (q/k/v, gate/up) on the Triton merged path: one pass over X
+    gives every layer's XA (their A matrices stacked) and one pass gives every dA; each layer
+    still runs its own GEMM, and dX is accumulated in place across layers."""
+
+    @staticmethod
+    def forward(ctx, x, group, *params):
+        from . import triton_backend as tb
+
+        a_cat = torch.cat([A.to(x.dtype) for _, _, A, _, _ in group], dim=0)
+        xa_all = tb._xa(x, a_cat, 0.0, 0)
+        ys, off = [], 0
+        for base, bias, A, B, s in group:
+            w_eff = tb._effective_weight(base, A, B, s, x.dtype)
+            ys.append(torch.addmm(bias.to(x.dtype), x, w_eff.t()) if bias is not None else x @ w_eff.t())
+            off += A.shape[0]
+        _backend.record("triton", f"fwd_grouped{len(group)}_merged")
+        ctx.save_for_backward(x, xa_all)
+        ctx.group = group
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        from . import triton_backend as tb
+
+        x, xa_all = ctx.saved_tensors
+        group = ctx.group
+        _backend.record("triton", f"bwd_grouped{len(group)}_merged")
+        dx = None
+        dybs, dAs, dBs, dbiases = [], [], [], []
+        off = 0
+        for (base, bias, A, B, s), dy in zip(group, dys):
+            r = A.shape[0]
+            if dy is None:
+                dy = x.new_zeros(x.shape[0], B.shape[0])
+            elif dy.stride(-1) != 1:
+                dy = dy.contiguous()
+            dyb, db = tb._dy(dy, B, xa_all[:, off:off + r], s, 0.0)
+            dybs.append(dyb * s)
+            dBs.append(db)
+            dbiases.append(dy.sum(0) if bias is not None and bias.requires_grad else None)
+            if ctx.needs_input_grad[0]:
+                w_eff = tb._effective_weight(base, A, B, s, dy.dtype)
+                dx = dy @ w_eff if dx is None else dx.addmm_(dy, w_eff)
+            off += r
+        da_all = tb._da(torch.cat(dybs, dim=1), x, 1.0, 0.0, 0, torch.float32)
+        grads, off = [], 0
+        for (base, bias, A, B, s), db, dbias in zip(group, dBs, dbiases):
+            grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias]
+            off += A.shape[0]
+        return (dx, None, *grads)
+
+
+def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
+    """Run several LoRA layers that share their input (q/k/v, gate/up) in one call.
+
+    x: (..., K).  layers: ``LoRALinear``/``NF4LoRALinear`` modules with the same in_features K.
+    Returns one (..., N_i) output per layer, equal to ``[layer(x) for layer in layers]``.
+    On the Triton backend without dropout, X is read once for all the layers' XA (and once in
+    backward for all their dA) instead of once per layer -- the narrow k/v projections otherwise
+    pay a whole pass over X each.  Elsewhere (other backends, dropout, merged layers,
+    ``torch.compile``) it calls the layers one by one, which ``dispatch_stats`` records.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("lora_linear_grouped needs at least one layer")
+    k = layers[0].in_features
+    for layer in layers:
+        if layer.in_features != k:
+            raise ValueError(f"grouped layers must share in_features: {layer.in_features} != {k}")
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layers expect in_features={k}")
+    why = None
+    if torch.compiler.is_compiling():
+        why = "torch.compile"
+    elif any(layer.merged for layer in layers):
+        why = "merged layer"
+    elif any(layer.training and layer.lora_dropout > 0 for layer in layers):
+        why = "dropout"
+    elif _backend.select(x.device) != "triton":
+        why = "backend is not triton"
+    if why is None:
+        from .modules import _autocast_input
+
+        x = _autocast_input(x)
+        from . import triton_backend as tb
+
+        if tb.plan(x.reshape(-1, k).shape[0], 0.0, x.device) != "merged":
+            why = "triton path is not merged"
+    if why is not None:
+        _backend.record("grouped", f"per_layer({why})")
+        return [layer(x) for layer in layers]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    group = _group_operands(layers)
+    params = []
+    for _, bias, A, B, _ in group:
+        params += [A, B, bias if bias is not None else torch.empty(0, device=x.device)]
+    ys = _GroupedLoRA.apply(x2, group, *params)
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
