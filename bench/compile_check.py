@@ -168,6 +168,17 @@ KERNELS: List[KernelRow] = [
         ],
     ),
     KernelRow(
+        "kernels.nf4", "nf4_rows_kernel", "ROWS_CONFIGS", options={"enable_fp_fusion": False},
+        variants=[
+            _v("nested-bf16-merge-r16", "bf16", {**_NF4_NESTED, "a_ptr": "bf16", "b_ptr": "bf16"}, QBLOCK=64,
+               QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
+            _v("plain-fp16-dequant", "fp16", dict(_NF4_PLAIN), QBLOCK=64, QBLOCK2=256, NESTED=False,
+               HAS_MERGE=False, BLOCK_R=16, IEEE=False),
+            _v("nested-fp32-merge-r32", "fp32", dict(_NF4_NESTED), QBLOCK=128, QBLOCK2=256, NESTED=True,
+               HAS_MERGE=True, BLOCK_R=32, IEEE=True),
+        ],
+    ),
+    KernelRow(
         "kernels.lowrank", "dropout_mask_kernel", None, default_config={"BLOCK": "MASK_BLOCK"},
         variants=[_v("fp32", "fp32", {"out_ptr": "fp32"})],
     ),

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import _backend
+from . import _backend, _nf4_rows
 from ._gemm import lora_gemm
 from ._lowrank import da_pass, dense_merge, dequant_nf4, dy_pass, xa_forward
 from ._operand import NF4Operand
@@ -85,12 +85,16 @@ def _effective_weight(base: Base, A: Tensor, B: Tensor, scaling: float, dtype: t
         # IEEE fp32 path, ~10x slower on sm_90).  The (r, K)/(N, r) casts are tiny.
         A, B = A.to(dtype), B.to(dtype)
     if isinstance(base, NF4Operand):
+        if _nf4_rows.supported(base):
+            return _nf4_rows.dequant_rows(base, dtype, merge=(A, B, scaling))
         return dequant_nf4(base, out_dtype=dtype, merge=(A, B, scaling))
     return dense_merge(base, A, B, scaling=scaling, out_dtype=dtype)
 
 
 def _dequantized(base: Base, dtype: torch.dtype) -> Tensor:
     if isinstance(base, NF4Operand):
+        if _nf4_rows.supported(base):
+            return _nf4_rows.dequant_rows(base, dtype)
         return dequant_nf4(base, out_dtype=dtype)
     return base
 
