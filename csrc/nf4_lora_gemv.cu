@@ -13,10 +13,7 @@
 // Tensor-core GEMV (kernel 2, K % 32 == 0).  Yᵀ = W0 · Xᵀ is computed with
 // mma.sync.m16n8k16 (fp32 accumulate): the MMA "A" operand is a 16-row tile of W0 dequantised
 // in registers, "B" is Xᵀ (8 activation rows per MMA n-tile, so M = 1..8 costs one n-tile).
-// Blocks are persistent: block b owns an equal run of 16-row tiles (the grid is sized from the
-// occupancy so that every block gets the same count), builds its tables once, and keeps a
-// rolling window of U weight loads per warp in flight across tile boundaries.  In a tile its
-// 8 warps split K (128 columns per warp iteration, interleaved over the warps).  Lane
+// A block owns 16 output rows; its 8 warps split K (128 columns per warp iteration).  Lane
 // (g = lane/4, t = lane%4) loads, per iteration, one 16-byte chunk (32 NF4 values) of row g
 // and one of row g + 8, at columns kc = 128*it + 32*t — each packed byte is read exactly once,
 // with 16-byte loads.  The 4 lanes of a quad hold 4 different 32-column chunks; the MMA's
@@ -29,11 +26,9 @@
 // activation dtype; it is replicated 32 times in shared memory (32 KB, word [byte][lane]) so
 // that every lane reads its own bank (conflict-free).  The pair is multiplied by the chunk's
 // scale with one packed half-precision multiply (a 32-column chunk never straddles a scale
-// block since blocksize >= 32).  So one byte (two weights) costs a PRMT, a LEA, an LDS and an
-// HMUL2.  Partial sums of the 8 warps are reduced through shared memory; each thread then
-// finishes its outputs: + bias + s·Σ_j xa[m][j]·B[n][j] from shared memory (xa staged once
-// per block, the tile's B rows and bias prefetched into registers at the tile start when
-// r <= 64 and M <= 16, so the epilogue waits on no global load).
+// block since blocksize >= 32).  So one byte (two weights) costs a shift+mask, an LDS and an
+// HMUL2.  Partial sums of the 8 warps are reduced through shared memory (reusing the table's
+// space), then each warp finishes outputs: + bias + s·Σ_j xa[m][j]·B[n][j] (lanes split j).
 //
 // This file includes no torch header; launchers take raw pointers and a stream.
 #include <cuda_runtime.h>
@@ -180,17 +175,6 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], uint32_t 
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Table entry of byte `i` (compile-time) of `w` for this lane.  `lut_lane` is the shared-
-// window byte address of the lane's column (table base + 4*lane; entry stride 128 bytes):
-// one PRMT moves the byte down, one LEA forms the address, one LDS reads the pair.  (volatile:
-// keeps the load after the barrier that publishes the table.)
-__device__ __forceinline__ uint32_t lut_lookup(uint32_t lut_lane, uint32_t w, int i) {
-  const uint32_t b = (i == 3) ? (w >> 24) : __byte_perm(w, 0u, 0x4440u | static_cast<uint32_t>(i));
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(lut_lane + (b << 7)));
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -383,16 +367,15 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
   uint32_t sraw[U][2];
   float sa2[U][2];
 
-  // Load cursor: step (ld_tile, ld_j) of this warp; ld_kc = its lane's K column, ld_f0 the
-  // flat index of (row g of the tile, ld_kc).  Advanced incrementally after each load.
+  // Load cursor (tile, j) -> slot.
   int ld_tile = tile0;
   int ld_j = 0;
-  int ld_kc = warp * kColsPerIter + 32 * t;
-  int64_t ld_f0 = static_cast<int64_t>(tile0 * kRowsPerBlock + g) * K + ld_kc;
-  const int64_t row8 = static_cast<int64_t>(8) * K;
   auto load_slot = [&](int u) {
-    const bool kok = (ld_tile < tile_end) && (ld_kc < K);
+    const int it = ld_j * kWarps + warp;
+    const int kc = it * kColsPerIter + 32 * t;
+    const bool kok = (ld_tile < tile_end) && (it < nk) && (kc < K);
     const int row0 = ld_tile * kRowsPerBlock + g;
+    const int row1 = row0 + 8;
     const uint4 z = make_uint4(0u, 0u, 0u, 0u);
     wv[u][0] = z;
     wv[u][1] = z;
@@ -401,13 +384,14 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
     sa2[u][0] = 0.f;
     sa2[u][1] = 0.f;
     if (kok && row0 < N) {
-      const int64_t blk = ld_f0 >> p.bs_log2;
-      wv[u][0] = ld_stream16(p.packed + (ld_f0 >> 1));
+      const int64_t f = static_cast<int64_t>(row0) * K + kc;
+      const int64_t blk = f >> p.bs_log2;
+      wv[u][0] = ld_stream16(p.packed + (f >> 1));
       sraw[u][0] = load_scale_raw(p, blk);
       if (p.nested) sa2[u][0] = __ldg(p.absmax2 + (blk >> p.nbs_log2));
     }
-    if (kok && row0 + 8 < N) {
-      const int64_t f = ld_f0 + row8;
+    if (kok && row1 < N) {
+      const int64_t f = static_cast<int64_t>(row1) * K + kc;
       const int64_t blk = f >> p.bs_log2;
       wv[u][1] = ld_stream16(p.packed + (f >> 1));
       sraw[u][1] = load_scale_raw(p, blk);
@@ -416,11 +400,6 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
     if (++ld_j == per) {
       ld_j = 0;
       ++ld_tile;
-      ld_kc = warp * kColsPerIter + 32 * t;
-      ld_f0 = static_cast<int64_t>(ld_tile * kRowsPerBlock + g) * K + ld_kc;
-    } else {
-      ld_kc += kWarps * kColsPerIter;
-      ld_f0 += kWarps * kColsPerIter;
     }
   };
 
@@ -443,37 +422,11 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
   __syncthreads();
 
   constexpr int OPT = (kRowsPerBlock * MP + kThreads - 1) / kThreads;  // outputs per thread
-  // MT <= 2: the tile's B rows and bias are prefetched into registers at the tile start (at
-  // larger MT the registers are needed by the main loop; the epilogue loads them itself).
-  constexpr bool kPrefetch = MT <= 2;
-  constexpr int RB = kPrefetch ? kRowsPerBlock * kRankChunk / kThreads : 1;  // B entries per thread
-  const uint32_t lut_lane = static_cast<uint32_t>(__cvta_generic_to_shared(lut)) + 4u * lane;
-  const bool small_r = p.r <= kRankChunk;  // one rank chunk: B prefetched, xa staged once
-  bool xa_staged = false;
 
   for (int tile = tile0; tile < tile_end; ++tile) {
     const int row_base = tile * kRowsPerBlock;
     const bool ok0 = row_base + g < N;
     const bool ok1 = row_base + g + 8 < N;
-    // Epilogue operands of this tile, fetched now so that they arrive during the main loop.
-    float breg[RB];
-    float bias_v[OPT];
-#pragma unroll
-    for (int e = 0; e < RB; ++e) {
-      breg[e] = 0.f;
-      const int idx = tid + kThreads * e;
-      if (kPrefetch && small_r && idx < kRowsPerBlock * p.r) {
-        const int row = idx / p.r;
-        const int n = row_base + row;
-        if (n < N) breg[e] = adapter_val<T>(p.B, static_cast<int64_t>(n) * p.r + (idx - row * p.r));
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < OPT; ++i) {
-      const int o = tid + kThreads * i;
-      const int n = row_base + (o & 15);
-      bias_v[i] = (kPrefetch && p.bias != nullptr && o < kRowsPerBlock * p.M && n < N) ? to_f32(p.bias[n]) : 0.f;
-    }
     float acc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -512,10 +465,11 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
             const uint32_t w1 = word_of(wv[u][1], q);
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
-              const uint32_t a0 = Act<T>::mul2(lut_lookup(lut_lane, w0, 2 * jj), s0);
-              const uint32_t a2 = Act<T>::mul2(lut_lookup(lut_lane, w0, 2 * jj + 1), s0);
-              const uint32_t a1 = Act<T>::mul2(lut_lookup(lut_lane, w1, 2 * jj), s1);
-              const uint32_t a3 = Act<T>::mul2(lut_lookup(lut_lane, w1, 2 * jj + 1), s1);
+              const int sh = 16 * jj;
+              const uint32_t a0 = Act<T>::mul2(lut[(((w0 >> sh) & 0xffu) << 5) | lane], s0);
+              const uint32_t a2 = Act<T>::mul2(lut[(((w0 >> (sh + 8)) & 0xffu) << 5) | lane], s0);
+              const uint32_t a1 = Act<T>::mul2(lut[(((w1 >> sh) & 0xffu) << 5) | lane], s1);
+              const uint32_t a3 = Act<T>::mul2(lut[(((w1 >> (sh + 8)) & 0xffu) << 5) | lane], s1);
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt)
                 mma16816<T>(acc[mt], a0, a1, a2, a3, word_of(xf[mt], 2 * jj), word_of(xf[mt], 2 * jj + 1));
@@ -537,7 +491,7 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
     }
     __syncthreads();
 
-    float base[OPT], lora[OPT];
+    float base[OPT], lora[OPT], bias_v[OPT];
 #pragma unroll
     for (int i = 0; i < OPT; ++i) {
       const int o = tid + kThreads * i;
@@ -545,38 +499,29 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
       const int row = o & 15;
       base[i] = 0.f;
       lora[i] = 0.f;
+      bias_v[i] = 0.f;
       if (o < kRowsPerBlock * p.M && row_base + row < N) {
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) base[i] += red[(w * 16 + row) * MP + m];
+        if (p.bias != nullptr) bias_v[i] = to_f32(p.bias[row_base + row]);
       }
     }
 
     // xa comes from the preceding kernel: wait for it (PDL) only now (no-op after the first).
     griddep_wait();
-    if (small_r) {
-      if (!xa_staged) {  // xa is the same for every tile: staged once per block
-        for (int idx = tid; idx < p.M * p.r; idx += kThreads) {
-          const int m = idx / p.r;
-          xs[m * (kRankChunk + 1) + (idx - m * p.r)] = p.xa[idx];
-        }
-        xa_staged = true;
+    for (int j0 = 0; j0 < p.r; j0 += kRankChunk) {
+      const int rc = min(kRankChunk, p.r - j0);
+      for (int idx = tid; idx < p.M * rc; idx += kThreads) {
+        const int m = idx / rc;
+        const int jj = idx - m * rc;
+        xs[m * (kRankChunk + 1) + jj] = p.xa[static_cast<int64_t>(m) * p.r + j0 + jj];
       }
-      if constexpr (kPrefetch) {
-#pragma unroll
-        for (int e = 0; e < RB; ++e) {
-          const int idx = tid + kThreads * e;
-          if (idx < kRowsPerBlock * p.r) {
-            const int row = idx / p.r;
-            bs[row * (kRankChunk + 1) + (idx - row * p.r)] = breg[e];
-          }
-        }
-      } else {
-        for (int idx = tid; idx < kRowsPerBlock * p.r; idx += kThreads) {
-          const int row = idx / p.r;
-          const int n = row_base + row;
-          bs[row * (kRankChunk + 1) + (idx - row * p.r)] =
-              (n < N) ? adapter_val<T>(p.B, static_cast<int64_t>(n) * p.r + (idx - row * p.r)) : 0.f;
-        }
+      for (int idx = tid; idx < kRowsPerBlock * rc; idx += kThreads) {
+        const int row = idx / rc;
+        const int jj = idx - row * rc;
+        const int n = row_base + row;
+        bs[row * (kRankChunk + 1) + jj] =
+            (n < N) ? adapter_val<T>(p.B, static_cast<int64_t>(n) * p.r + j0 + jj) : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -586,51 +531,20 @@ nf4_lora_mma_kernel(const GemvArgs<T, TB> p, int tiles_per_block, int per) {
           const float* xr = xs + (o >> 4) * (kRankChunk + 1);
           const float* br = bs + (o & 15) * (kRankChunk + 1);
           float l = 0.f;
-          for (int jj = 0; jj < p.r; ++jj) l = fmaf(xr[jj], br[jj], l);
-          lora[i] = l;
+          for (int jj = 0; jj < rc; ++jj) l = fmaf(xr[jj], br[jj], l);
+          lora[i] += l;
         }
       }
-    } else {
-      for (int j0 = 0; j0 < p.r; j0 += kRankChunk) {
-        const int rc = min(kRankChunk, p.r - j0);
-        for (int idx = tid; idx < p.M * rc; idx += kThreads) {
-          const int m = idx / rc;
-          const int jj = idx - m * rc;
-          xs[m * (kRankChunk + 1) + jj] = p.xa[static_cast<int64_t>(m) * p.r + j0 + jj];
-        }
-        for (int idx = tid; idx < kRowsPerBlock * rc; idx += kThreads) {
-          const int row = idx / rc;
-          const int jj = idx - row * rc;
-          const int n = row_base + row;
-          bs[row * (kRankChunk + 1) + jj] =
-              (n < N) ? adapter_val<T>(p.B, static_cast<int64_t>(n) * p.r + j0 + jj) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < OPT; ++i) {
-          const int o = tid + kThreads * i;
-          if (o < kRowsPerBlock * p.M) {
-            const float* xr = xs + (o >> 4) * (kRankChunk + 1);
-            const float* br = bs + (o & 15) * (kRankChunk + 1);
-            float l = 0.f;
-            for (int jj = 0; jj < rc; ++jj) l = fmaf(xr[jj], br[jj], l);
-            lora[i] += l;
-          }
-        }
-        if (j0 + kRankChunk < p.r) __syncthreads();  // staging reused by the next chunk
-      }
+      __syncthreads();  // staging reused by the next chunk / tile, red by the next tile
     }
 #pragma unroll
     for (int i = 0; i < OPT; ++i) {
       const int o = tid + kThreads * i;
       const int m = o >> 4;
       const int row = o & 15;
-      if (o < kRowsPerBlock * p.M && row_base + row < N) {
-        const float bv = kPrefetch ? bias_v[i] : (p.bias != nullptr ? to_f32(p.bias[row_base + row]) : 0.f);
-        p.y[static_cast<int64_t>(m) * N + row_base + row] = Act<T>::from(fmaf(p.scaling, lora[i], base[i]) + bv);
-      }
+      if (o < kRowsPerBlock * p.M && row_base + row < N)
+        p.y[static_cast<int64_t>(m) * N + row_base + row] = Act<T>::from(fmaf(p.scaling, lora[i], base[i]) + bias_v[i]);
     }
-    __syncthreads();  // red and the B staging are rewritten by the next tile
   }
 }
 
@@ -807,9 +721,9 @@ cudaError_t launch_main(const Nf4LoraParams& p, cudaStream_t stream, bool pdl, b
   }
   const int mt = (p.M + 7) / 8;
   if (mt <= 1) return launch_mma<T, TB, 1, 4, 2>(a, stream, pdl);
-  if (mt <= 2) return launch_mma<T, TB, 2, 2, 2>(a, stream, pdl);
+  if (mt <= 2) return launch_mma<T, TB, 2, 4, 2>(a, stream, pdl);
   if (mt <= 4) return launch_mma<T, TB, 4, 2, 1>(a, stream, pdl);
-  return launch_mma<T, TB, 8, 1, 1>(a, stream, pdl);
+  return launch_mma<T, TB, 8, 2, 1>(a, stream, pdl);
 }
 
 template <typename T>
