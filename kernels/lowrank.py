@@ -184,7 +184,7 @@ def da_cost(c, block_r, ex, dropout):
     bm, bk, t = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], 32 * c.num_warps
     smem = max(c.num_stages, 1) * (bm * bk * ex + block_r * bm * 4)
     if ex == 4:  # FMA dot reduces over BLOCK_M
-        return smem, 40 + (bm * bk + block_r * bm + block_r * bk) / t + (0 if bm <= 32 else 999), 100
+        return smem, 40 + (bm * bk + block_r * bm + block_r * bk) / t + (0 if bm <= 32 else 999), 90
     return smem, 40 + (bm * bk / t) * (3 if dropout else 1) + 1.5 * block_r * bk / t, 220
 
 
