@@ -174,8 +174,8 @@ KERNELS: List[KernelRow] = [
                QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
             _v("plain-fp16-dequant", "fp16", dict(_NF4_PLAIN), QBLOCK=64, QBLOCK2=256, NESTED=False,
                HAS_MERGE=False, BLOCK_R=16, IEEE=False),
-            _v("nested-fp32-merge-r32", "fp32", dict(_NF4_NESTED), QBLOCK=128, QBLOCK2=256, NESTED=True,
-               HAS_MERGE=True, BLOCK_R=32, IEEE=True),
+            _v("nested-fp32-merge-r16", "fp32", dict(_NF4_NESTED), QBLOCK=128, QBLOCK2=256, NESTED=True,
+               HAS_MERGE=True, BLOCK_R=16, IEEE=True),
         ],
     ),
     KernelRow(

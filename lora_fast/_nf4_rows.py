@@ -47,7 +47,7 @@ def dequant_rows(op: NF4Operand, out_dtype: torch.dtype,
         if tuple(A.shape) != (r, k) or tuple(B.shape) != (n, r):
             raise ValueError(f"merge factors A {tuple(A.shape)} / B {tuple(B.shape)} do not fit an ({n}, {k}) weight")
         ieee = not (A.dtype == B.dtype and A.dtype in (torch.float16, torch.bfloat16))
-        block_r = 16 if r <= 16 else 32
+        block_r = 16  # wider R chunks spill with fp32 (IEEE) operands (compile_check)
     else:
         A = B = out
         r, scaling, ieee, block_r = 0, 0.0, False, 16
