@@ -20,14 +20,13 @@ from typing import Optional, Union
 
 import torch
 
-from ._operand import NF4Operand  # the shared operand type (bitsandbytes layout)
+from ._operand import NF4Operand, kernel_module  # the shared operand type (bitsandbytes layout)
 
 __all__ = ["NF4Operand", "lora_gemm"]
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
 
-_K = None
 
 # Test / benchmark hook: a dict with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M and optionally
 # num_warps / num_stages.  When set, every launch uses exactly that config (no autotuning,
@@ -36,15 +35,7 @@ _FORCE_CONFIG: Optional[dict] = None
 
 
 def _kernels():
-    """The kernel module, imported lazily (so TRITON_INTERPRET can be set before triton loads)."""
-    global _K
-    if _K is None:
-        try:
-            from lora_fast.kernels import lora_gemm as k
-        except ImportError:
-            from kernels import lora_gemm as k
-        _K = k
-    return _K
+    return kernel_module("lora_gemm")
 
 
 def _interpreting() -> bool:

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._operand import NF4Operand
+from ._operand import NF4Operand, kernel_module
 
 __all__ = ["NF4Operand", "xa_forward", "dy_pass", "da_pass", "dequant_nf4", "dense_merge", "dropout_mask"]
 
@@ -35,19 +35,10 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
 
-_K = None
 
 
 def _kernels():
-    """The kernel module, imported on first use so TRITON_INTERPRET may be set before triton loads."""
-    global _K
-    if _K is None:
-        try:
-            from lora_fast.kernels import lowrank as k
-        except ImportError:
-            from kernels import lowrank as k
-        _K = k
-    return _K
+    return kernel_module("lowrank")
 
 
 def _interpreting() -> bool:

@@ -6,22 +6,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._operand import NF4Operand
+from ._operand import NF4Operand, kernel_module
 
 Tensor = torch.Tensor
 
-_K = None
-
 
 def _kernels():
-    global _K
-    if _K is None:
-        try:
-            from lora_fast.kernels import nf4 as k
-        except ImportError:
-            from kernels import nf4 as k
-        _K = k
-    return _K
+    return kernel_module("nf4")
 
 
 def supported(op: NF4Operand) -> bool:

@@ -1,6 +1,8 @@
 """The NF4 weight operand handed to kernels: plain tensors in the bitsandbytes layout."""
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -36,3 +38,13 @@ class NF4Operand:
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module(name: str):
+    """``lora_fast.kernels.<name>`` (the installed ``kernels/`` folder), or ``kernels.<name>`` from a
+    source checkout; imported on first use so ``TRITON_INTERPRET`` may be set before triton loads."""
+    try:
+        return importlib.import_module(f"lora_fast.kernels.{name}")
+    except ImportError:
+        return importlib.import_module(f"kernels.{name}")
