@@ -56,7 +56,7 @@ setup(
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "bitsandbytes>=0.45", "safetensors", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "peft", "transformers", "accelerate", "trl"],
         "bench": ["peft", "transformers", "accelerate", "matplotlib", "pytest-benchmark"],
     },
     ext_modules=ext_modules,
