@@ -18,7 +18,12 @@ except Exception as e:
 PY
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) shift; timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    tests) shift; timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider ${TESTS_N:+-n "$TESTS_N"} ${TESTS_K:+-k "$TESTS_K"} -rf 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    breakdown) shift; timeout "${BREAKDOWN_TIMEOUT:-200}" python3 -m bench.breakdown --json "$OUT/breakdown.json" ${BREAKDOWN_ARGS:-} 2>&1 | tee "$OUT/breakdown.log" | tail -90 ;;
+    cudavar) shift  # the CUDA self-check of an alternative csrc/nf4_lora_gemv.cu kept in .variant/ (untracked)
+      cp csrc/nf4_lora_gemv.cu /tmp/gemv_orig.cu && cp .variant/nf4_lora_gemv.cu csrc/nf4_lora_gemv.cu
+      LORA_FAST_CUDA_BUILD_DIR=/tmp/lf_build_variant timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py --quick --json "$OUT/cuda_selfcheck_variant.json" 2>&1 | tee "$OUT/cuda_variant.log" | tail -30
+      cp /tmp/gemv_orig.cu csrc/nf4_lora_gemv.cu ;;
     cuda) shift; timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -30 ;;
     bench) shift; timeout "${BENCH_TIMEOUT:-400}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
     *) echo "unknown stage $1"; exit 2 ;;

@@ -12,8 +12,25 @@ Dropout: element ``(m, k)`` of an (M, K) activation is kept when
 needs the mask regenerates it with this one function, so forward and backward agree and no
 mask is stored.
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def autotune_enabled() -> bool:
+    """``LORA_FAST_AUTOTUNE=0`` makes every kernel run the first config its prune keeps instead of
+    benchmarking all of them (read at each new autotune key, not at import).  The GPU test run
+    uses it: parity does not depend on the config, and benchmarking every config of every kernel
+    for every test shape costs minutes of compilation.  Default: autotune."""
+    return os.environ.get("LORA_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def tune_pick(configs):
+    """What an ``early_config_prune`` returns: all ``configs``, or only the first when
+    autotuning is off (see :func:`autotune_enabled`)."""
+    configs = list(configs)
+    return configs if autotune_enabled() or len(configs) <= 1 else configs[:1]
 
 
 @triton.jit

@@ -82,7 +82,7 @@ by definition so that every kernel draws the same philox stream).
 import triton
 import triton.language as tl
 
-from .common import dropout_keep_scale, nf4_dequant_flat
+from .common import dropout_keep_scale, nf4_dequant_flat, tune_pick
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -365,7 +365,7 @@ def prune_configs(configs, named_args, **kwargs):
         keep = [c for c in fitting if c.kwargs["BLOCK_M"] >= 64]
     else:
         keep = fitting
-    return keep or fitting
+    return tune_pick(keep or fitting)
 
 
 lora_gemm_kernel_heur = triton.heuristics(HEURISTICS)(lora_gemm_kernel)

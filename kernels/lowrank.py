@@ -31,7 +31,7 @@ import os
 import triton
 import triton.language as tl
 
-from .common import dropout_keep_scale, nf4_dequant_flat
+from .common import dropout_keep_scale, nf4_dequant_flat, tune_pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,7 +66,7 @@ def _prune(configs, cost, limit_smem=SMEM_LIMIT):
         scored.append((max(smem / limit_smem, load / load_limit), c))
         if smem <= limit_smem and load <= load_limit:
             kept.append(c)
-    return kept or [min(scored, key=lambda t: t[0])[1]]
+    return tune_pick(kept) if kept else [min(scored, key=lambda t: t[0])[1]]
 
 
 def _launch_args(named_args, kwargs):
@@ -255,8 +255,12 @@ def _tune(configs, interp_config, key, prune=None):
     if INTERPRET:
         return triton.autotune(configs=[interp_config], key=key)
     if prune is None:
-        return triton.autotune(configs=configs, key=key)
+        prune = _pick_only
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
+
+
+def _pick_only(configs, named_args, **kwargs):
+    return tune_pick(configs)
 
 
 @triton.jit

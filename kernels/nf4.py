@@ -28,6 +28,8 @@ import os
 import triton
 import triton.language as tl
 
+from .common import tune_pick
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # BLOCK_K must be a multiple of the quantisation blocksize: 256 covers blocksizes 32..256.
@@ -44,6 +46,7 @@ ROWS_MAX_QBLOCK = 256
 @triton.autotune(
     configs=[ROWS_INTERP_CONFIG] if INTERPRET else ROWS_CONFIGS,
     key=["N", "K", "QBLOCK", "NESTED", "HAS_MERGE", "BLOCK_R", "IEEE"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: tune_pick(configs)},
 )
 @triton.jit
 def nf4_rows_kernel(

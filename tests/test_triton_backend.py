@@ -98,3 +98,27 @@ def test_bad_triton_path(monkeypatch):
     layer = LoRALinear.from_linear(torch.nn.Linear(16, 8, device=DEV), r=2)
     with pytest.raises(ValueError, match="LORA_FAST_TRITON_PATH"):
         layer(torch.randn(2, 16, device=DEV))
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning benchmarks configs on a GPU; the CPU interpreter runs one fixed config")
+@pytest.mark.parametrize("regime", ["merged", "dequant"])
+def test_autotuned_step_gpu(regime, monkeypatch):
+    """The rest of the GPU run sets LORA_FAST_AUTOTUNE=0 (conftest); here every kernel of a
+    full NF4 step benchmarks its whole pruned config list, and the result still has parity."""
+    monkeypatch.setenv("LORA_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", regime)
+    torch.manual_seed(3)
+    m, k, n, r = 777, 1536, 640, 16  # a shape no other test uses: fresh autotune keys
+    lin = torch.nn.Linear(k, n, bias=True, device=DEV, dtype=torch.bfloat16)
+    layer = NF4LoRALinear.from_linear(lin, r=r, lora_alpha=2 * r)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
+    got = _run(layer, x, dy)
+    want = _ref64(layer, x, dy, None)
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    same_dtype = _run(layer, x, dy)
+    for g, w, t, what in zip(got, want, same_dtype, ("y", "dx", "dA", "dB")):
+        assert_parity(g, w, t, dtype=torch.bfloat16 if what in ("y", "dx") else torch.float32, what=what)
