@@ -110,6 +110,38 @@ def _layer(K: int, N: int, r: int, dtype, gen):
     return layer
 
 
+def _cprofile(args, gen) -> int:
+    import cProfile
+    import pstats
+
+    name = args.shapes.split(",")[0]
+    K, N = SHAPES[name]
+    layer = _layer(K, N, args.r, torch.bfloat16, gen)
+    x = torch.randn(args.m, K, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    dy = torch.randn(args.m, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def step():
+        x.grad = None
+        layer.lora_A.grad = layer.lora_B.grad = None
+        layer(x).backward(dy)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    for _ in range(args.cprofile):
+        step()
+        torch.cuda.synchronize()
+    pr.disable()
+    print(f"{name}: {(time.perf_counter() - t0) * 1e3 / args.cprofile:.3f} ms per synchronised step under cProfile")
+    st = pstats.Stats(pr)
+    st.sort_stats("tottime").print_stats(30)
+    st.sort_stats("cumulative").print_stats(45)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", type=int, default=8192)
@@ -120,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prof-steps", type=int, default=5)
     ap.add_argument("--no-grouped", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cprofile", type=int, default=0, metavar="STEPS",
+                    help="instead of the tables: cProfile STEPS host-side steps of the first shape")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.breakdown needs a CUDA GPU")
@@ -136,6 +170,8 @@ def main(argv=None) -> int:
 
     res["triton"] = triton.__version__
     lines: List[str] = []
+    if args.cprofile:
+        return _cprofile(args, gen)
     for name in [s for s in args.shapes.split(",") if s]:
         K, N = SHAPES[name]
         layer = _layer(K, N, r, dtype, gen)

@@ -18,7 +18,8 @@ except Exception as e:
 PY
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) shift; timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider ${TESTS_N:+-n "$TESTS_N"} ${TESTS_K:+-k "$TESTS_K"} -rf 2>&1 | tee "$OUT/pytest.log" | tail -25 ;;
+    tests) shift; timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -v -p no:cacheprovider -o faulthandler_timeout=150 ${TESTS_N:+-n "$TESTS_N"} ${TESTS_K:+-k "$TESTS_K"} -rf >"$OUT/pytest.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/pytest.log" | tail -40 ;;
     breakdown) shift; timeout "${BREAKDOWN_TIMEOUT:-200}" python3 -m bench.breakdown --json "$OUT/breakdown.json" ${BREAKDOWN_ARGS:-} 2>&1 | tee "$OUT/breakdown.log" | tail -90 ;;
     cudavar) shift  # the CUDA self-check of an alternative csrc/nf4_lora_gemv.cu kept in .variant/ (untracked)
       cp csrc/nf4_lora_gemv.cu /tmp/gemv_orig.cu && cp .variant/nf4_lora_gemv.cu csrc/nf4_lora_gemv.cu
