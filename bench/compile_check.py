@@ -392,6 +392,21 @@ def kept_by_prune(row: KernelRow, module, fn, variant: Variant, configs: list, s
         return None
     prune = getattr(module, row.prune)
     keep = set()
+    # the whole pruned list, as autotuning sees it (LORA_FAST_AUTOTUNE=0 would keep only the first)
+    old = os.environ.get("LORA_FAST_AUTOTUNE")
+    os.environ["LORA_FAST_AUTOTUNE"] = "1"
+    try:
+        keep = _kept(row, prune, fn, variant, configs, module, arch, smem)
+    finally:
+        if old is None:
+            os.environ.pop("LORA_FAST_AUTOTUNE", None)
+        else:
+            os.environ["LORA_FAST_AUTOTUNE"] = old
+    return keep
+
+
+def _kept(row, prune, fn, variant, configs, module, arch, smem) -> set:
+    keep = set()
     with _arch_view(module, arch, smem if smem is not None else (1 << 40)):
         for mb in M_BUCKETS:
             named, kwargs = _prune_named_args(row, fn, variant, mb)

@@ -16,6 +16,7 @@ the two loss curves should agree to bf16 noise).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 import warnings
@@ -253,11 +254,36 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
                      traceback="".join(traceback.format_exception(exc))[-4000:])
         log(f"e2e      lora_fast: ERROR {entry['error']}")
     result["lora_fast"] = entry
+
+    # (c) the patched model once more on lora_fast's PyTorch reference backend: separates the
+    # kernels' numerics from the patch's wiring when the loss curves of (a) and (b) differ
+    if entry.get("status") == "ok":
+        old_backend = os.environ.get("LORA_FAST_BACKEND")
+        try:
+            with torch.no_grad():
+                for n, p in _trainable(patched).items():
+                    if n in init:
+                        p.copy_(init[n])
+            os.environ["LORA_FAST_BACKEND"] = "torch"
+            ref_entry = _train(patched, cfg, dev, ids)
+            result["lora_fast_torch_backend"] = ref_entry
+            log(f"e2e      lora_fast (torch backend): {ref_entry['tokens_per_s']:10.0f} tok/s  "
+                f"loss {ref_entry['losses'][-1]:.4f}")
+        except Exception as exc:
+            result["lora_fast_torch_backend"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if old_backend is None:
+                os.environ.pop("LORA_FAST_BACKEND", None)
+            else:
+                os.environ["LORA_FAST_BACKEND"] = old_backend
     a, b = result["peft_bnb"], result["lora_fast"]
     if isinstance(a, dict) and isinstance(b, dict) and a.get("status") == "ok" and b.get("status") == "ok":
         result["speedup_tokens_per_s"] = b["tokens_per_s"] / a["tokens_per_s"]
         la, lb = a["losses"], b["losses"]
         result["max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(la, lb))
+        c = result.get("lora_fast_torch_backend")
+        if isinstance(c, dict) and c.get("status") == "ok":
+            result["max_abs_loss_diff_torch_backend"] = max(abs(x - y) for x, y in zip(la, c["losses"]))
     del model
     dev.free_cache()
     return result

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._launch import launch
 from ._operand import NF4Operand, kernel_module  # the shared operand type (bitsandbytes layout)
 
 __all__ = ["NF4Operand", "lora_gemm"]
@@ -256,7 +257,7 @@ def lora_gemm(
         k.lora_gemm_kernel_heur[grid](*args, **flags, **k.INTERPRETER_META, num_warps=4, num_stages=1)
     else:
         with torch.cuda.device(dev):
-            k.lora_gemm_kernel_tuned[grid](*args, **flags)
+            launch(k.lora_gemm_kernel_tuned, grid, *args, **flags)
     return out
 
 

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._launch import launch
 from ._operand import NF4Operand, kernel_module
 
 __all__ = ["NF4Operand", "xa_forward", "dy_pass", "da_pass", "dequant_nf4", "dense_merge", "dropout_mask"]
@@ -269,7 +270,7 @@ def xa_forward(x: Tensor, A: Tensor, *, dropout_p: float = 0.0, seed: int = 0,
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]) * n_rb, splits)
 
-    k.xa_kernel[grid](
+    launch(k.xa_kernel, grid,
         x, A, ws, M, K, r,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1),
         ws.stride(0), ws.stride(1), ws.stride(2),
@@ -321,7 +322,7 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     splits, groups = _cdiv(M, rows), _cdiv(N, cols)
     ws_dyb = dyb.unsqueeze(0) if groups == 1 else torch.empty((groups, M, r), dtype=torch.float32, device=dy.device)
     ws_db = torch.empty((splits, N, r), dtype=torch.float32, device=dy.device)
-    k.dy_pass_kernel[(splits * groups * n_rb,)](
+    launch(k.dy_pass_kernel, (splits * groups * n_rb,),
         dy, B, xa, ws_dyb, ws_db, M, N, r,
         dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), xa.stride(0), xa.stride(1),
         ws_dyb.stride(0), ws_dyb.stride(1), ws_dyb.stride(2),
@@ -378,7 +379,7 @@ def da_pass(dyb: Tensor, x: Tensor, *, scaling: float, dropout_p: float = 0.0, s
     def grid(meta):
         return (_cdiv(K, meta["BLOCK_K"]) * n_rb, splits)
 
-    k.da_kernel[grid](
+    launch(k.da_kernel, grid,
         dyb, x, ws, M, K, r,
         dyb.stride(0), dyb.stride(1), x.stride(0), x.stride(1),
         ws.stride(0), ws.stride(1), ws.stride(2),
@@ -434,7 +435,7 @@ def _launch_merge(k, w, nf4, N, K, out, A, B, r, scaling, ieee):
     def grid(meta):
         return (_cdiv(N, meta["BLOCK_N"]) * _cdiv(K, meta["BLOCK_K"]),)
 
-    k.merge_kernel[grid](
+    launch(k.merge_kernel, grid,
         w, absmax, absmax2, code2, code, float(offset),
         A, B, out, N, K, r, float(scaling),
         s_wn, s_wk, A.stride(0), A.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),
@@ -515,7 +516,7 @@ def dequant_nf4(op, *, out_dtype: torch.dtype, merge=None) -> Tensor:
         absmax, absmax2, code2, code, offset, bs, nbs, nested = meta
         numel = N * K
         grid = lambda meta_: (_cdiv(numel, meta_["BLOCK"]),)  # noqa: E731
-        k.nf4_dequant_kernel[grid](
+        launch(k.nf4_dequant_kernel, grid,
             packed, absmax, absmax2, code2, code, float(offset), out, numel,
             NESTED=bool(nested), QBLOCK=int(bs), QBLOCK2=int(nbs), FLAT64=numel > _INT32_MAX - 16384,
             enable_fp_fusion=False,

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._launch import launch
 from ._operand import NF4Operand, kernel_module
 
 Tensor = torch.Tensor
@@ -50,7 +51,7 @@ def dequant_rows(op: NF4Operand, out_dtype: torch.dtype,
     def grid(meta):
         return (triton_cdiv(n, meta["BLOCK_N"]) * triton_cdiv(k, meta["BLOCK_K"]),)
 
-    kern.nf4_rows_kernel[grid](
+    launch(kern.nf4_rows_kernel, grid,
         op.packed, op.absmax, absmax2, code2, op.code, float(op.offset) if nested else 0.0,
         A, B, out, n, k, r, float(scaling),
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1),

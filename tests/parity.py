@@ -1,6 +1,7 @@
 """One tolerance rule for every parity test.
 
-A result passes when ``err(result) <= 2 * err(same-dtype torch) + atol[dtype]``, both errors
+A result passes when ``err(result) <= 2 * err(same-dtype torch) + atol[dtype]`` (+ ``2e-5·max|ref|``
+for fp32, see ``RTOL_ACC``), both errors
 measured elementwise against an fp64 reference, so the bar moves with the dtype's own rounding.
 Failures report the worst element, its index and any NaN/inf mismatch.
 """
@@ -11,6 +12,10 @@ from typing import Optional
 import torch
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# fp32 only: a share of the largest reference magnitude on top of the bar.  Two fp32 results
+# with different accumulation orders (a K=4096 sequential Triton loop against cuBLAS) differ by
+# ~eps32 * sqrt(K) * |partial sums|, which at Llama sizes exceeds 2x cuBLAS's own error.
+RTOL_ACC = {torch.float32: 2e-5}
 RTOL_FALLBACK = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -42,7 +47,7 @@ def assert_parity(actual: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: O
     err = (a - r).abs()
     if torch_same_dtype is not None:
         t = torch_same_dtype.detach().to(torch.float64).cpu()
-        bar = 2 * (t - r).abs().max().item() + ATOL[dtype]
+        bar = 2 * (t - r).abs().max().item() + ATOL[dtype] + RTOL_ACC.get(dtype, 0.0) * r.abs().max().item()
     else:
         bar = RTOL_FALLBACK[dtype] * r.abs().max().item() + ATOL[dtype]
     assert err.max().item() <= bar, f"{what}: error above {bar:.3e}; {report(a, r)}"

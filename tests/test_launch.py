@@ -1,0 +1,54 @@
+"""The direct-launch path (lora_fast/_launch.py) must give exactly what Triton's own launch path
+gives, for every kernel of a training step, whichever launch key repeats."""
+import pytest
+import torch
+
+from lora_fast import LoRALinear, NF4LoRALinear, _launch
+
+CUDA = torch.cuda.is_available()
+
+
+def test_status_off_under_interpreter_or_env(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _launch.status() == (False, "TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LORA_FAST_FAST_LAUNCH", "0")
+    assert _launch.status() == (False, "LORA_FAST_FAST_LAUNCH=0")
+
+
+def _steps(layer, x, dy, n):
+    outs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)  # the dropout seed comes from the CPU generator
+        for p in (x, layer.lora_A, layer.lora_B):
+            p.grad = None
+        y = layer(x)
+        y.backward(dy)
+        outs.append([y.detach().clone(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()])
+    return outs
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton kernels need a GPU (the interpreter never takes the direct path)")
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("regime,dropout", [("merged", 0.0), ("dequant", 0.1), ("fused", 0.0)])
+@pytest.mark.parametrize("m", [33, 512])
+def test_direct_launch_equals_triton_launch(nf4, regime, dropout, m, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", regime)
+    torch.manual_seed(0)
+    k, n, r = 320, 192, 8
+    lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
+    layer = (NF4LoRALinear if nf4 else LoRALinear).from_linear(lin, r=r, lora_alpha=16, lora_dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("LORA_FAST_FAST_LAUNCH", "0")
+    slow = _steps(layer, x, dy, 3)
+    monkeypatch.setenv("LORA_FAST_FAST_LAUNCH", "1")
+    _launch.clear()
+    fast = _steps(layer, x, dy, 3)  # the first call fills the table, the others launch directly
+    assert any(info.table for info in _launch._INFO.values()), "no launch key was remembered"
+    for i, (a, b) in enumerate(zip(slow, fast)):
+        for what, u, v in zip(("y", "dx", "dA", "dB"), a, b):
+            assert torch.equal(u, v), f"call {i}: {what} differs between Triton's launch and the direct launch"
