@@ -9,8 +9,9 @@ compiled with every autotune config of its list, for each variant (activation dt
 NF4 weight, ...) and each target, through ``triton.compile(ASTSource(fn, signature,
 constexprs), target=GPUTarget("cuda", cap, 32))``.  A config FAILS when it does not compile,
 needs more shared memory than the target's opt-in maximum per block (sm_80 166912, sm_86
-101376, sm_90 232448 bytes) or spills registers (local memory in the cubin, read with
-``cuobjdump -res-usage``; that is what triton reports as ``n_spills``).  A config that fails
+101376, sm_90 232448 bytes) or spills registers (a stack frame or local memory in the cubin: the ``STACK`` and ``LOCAL``
+fields of the kernel's own ``Function <name>:`` block of ``cuobjdump -res-usage``; ptxas puts
+spilled registers in the stack frame).  A config that fails
 on an arch is reported as ``pruned on sm_XX`` instead when the kernel module's own
 ``prune_configs_by`` function, called the way the autotuner calls it with that arch's shared
 memory limit, drops it in every launch scenario of that variant (several M buckets / ranks).
@@ -97,6 +98,12 @@ class KernelRow:
         return f"{self.module.split('.')[-1]}.{self.kernel}"
 
 
+def _ranks(act: str) -> Tuple[int, int]:
+    """The BLOCK_R values the low-rank launchers use: 16 and the widest tile (128 for 16-bit
+    operands, ``MAX_BLOCK_R_IEEE`` = 32 for fp32 ones, which run on FMA; larger ranks are tiled)."""
+    return (16, 32) if act == "fp32" else (16, 128)
+
+
 def _v(name, act="bf16", ptrs=None, **constexprs):
     prune_args = constexprs.pop("_prune", {})
     return Variant(name, act, dict(ptrs or {}), constexprs, prune_args)
@@ -128,7 +135,7 @@ KERNELS: List[KernelRow] = [
         "kernels.lowrank", "xa_kernel", "XA_CONFIGS", prune="prune_xa",
         variants=[
             _v(f"{act}-r{br}", act, {"a_ptr": a_dt, "out_ptr": "fp32"}, HAS_DROPOUT=True, IEEE=act == "fp32", BLOCK_R=br)
-            for act, a_dt in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")) for br in (16, 128)
+            for act, a_dt in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")) for br in _ranks(act)
         ],
     ),
     KernelRow(
@@ -137,7 +144,7 @@ KERNELS: List[KernelRow] = [
             _v(f"{act}-r{br}", act, {"b_ptr": b_dt, "xa_ptr": "fp32", "dyb_ptr": "fp32", "db_ptr": "fp32"},
                IEEE=act == "fp32", STREAM=stream, BLOCK_R=br)
             for act, b_dt in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))
-            for br, stream in ((16, True), (128, False))
+            for br, stream in zip(_ranks(act), (True, False))
         ],
     ),
     KernelRow(
@@ -145,7 +152,7 @@ KERNELS: List[KernelRow] = [
         variants=[
             _v(f"{act}-r{br}", act, {"dyb_ptr": "fp32", "out_ptr": out}, HAS_DROPOUT=True, IEEE=act == "fp32",
                BLOCK_R=br)
-            for act, out in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")) for br in (16, 128)
+            for act, out in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")) for br in _ranks(act)
         ],
     ),
     KernelRow(
@@ -168,7 +175,7 @@ KERNELS: List[KernelRow] = [
         ],
     ),
     KernelRow(
-        "kernels.nf4", "nf4_rows_kernel", "ROWS_CONFIGS", options={"enable_fp_fusion": False},
+        "kernels.nf4", "nf4_rows_kernel", "ROWS_CONFIGS", prune="prune_rows", options={"enable_fp_fusion": False},
         variants=[
             _v("nested-bf16-merge-r16", "bf16", {**_NF4_NESTED, "a_ptr": "bf16", "b_ptr": "bf16"}, QBLOCK=64,
                QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
@@ -434,8 +441,25 @@ def _tool(name: str) -> Optional[str]:
     return shutil.which(name)
 
 
-def _res_usage(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
-    """(registers, local-memory bytes) of the cubin's kernel, via cuobjdump -res-usage."""
+_RES_FUNC = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def parse_res_usage(text: str, kernel: Optional[str] = None) -> Optional[Tuple[int, int, int]]:
+    """(registers, stack bytes, local bytes) of ``kernel``'s ``Function <name>:`` block in
+    ``cuobjdump -res-usage`` output (the first block when ``kernel`` is None or not found).
+    Register spills land in the stack frame (``STACK``); ``LOCAL`` counts other local memory."""
+    blocks = [(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(5))) for m in _RES_FUNC.finditer(text)]
+    if not blocks:
+        return None
+    for name, reg, stack, local in blocks:
+        if kernel is not None and name == kernel:
+            return reg, stack, local
+    _, reg, stack, local = blocks[0]
+    return reg, stack, local
+
+
+def _res_usage(cubin: bytes, kernel: Optional[str] = None) -> Tuple[Optional[int], Optional[int]]:
+    """(registers, stack + local bytes) of the cubin's kernel, via cuobjdump -res-usage."""
     tool = _tool("cuobjdump")
     if tool is None:
         return None, None
@@ -446,10 +470,11 @@ def _res_usage(cubin: bytes) -> Tuple[Optional[int], Optional[int]]:
         out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
     finally:
         os.unlink(path)
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
-    if not m:
+    got = parse_res_usage(out, kernel)
+    if got is None:
         return None, None
-    return int(m.group(1)), int(m.group(2))
+    reg, stack, local = got
+    return reg, stack + local
 
 
 def compile_one(module_name: str, kernel: str, variant: Variant, cfg_kwargs: dict, num_warps: int,
@@ -489,7 +514,8 @@ def compile_one(module_name: str, kernel: str, variant: Variant, cfg_kwargs: dic
         msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
         return dict(ok=False, error=" | ".join(msg[-3:])[:400], seconds=time.time() - t0)
     shared = int(getattr(ck.metadata, "shared", 0) or 0)
-    regs, local = _res_usage(ck.asm["cubin"]) if "cubin" in ck.asm else (None, None)
+    name = getattr(ck.metadata, "name", None) or kernel
+    regs, local = _res_usage(ck.asm["cubin"], name) if "cubin" in ck.asm else (None, None)
     return dict(ok=True, shared=shared, regs=regs, spill_bytes=local, seconds=time.time() - t0)
 
 
@@ -640,7 +666,7 @@ def run_triton_checks(rows: Sequence[KernelRow], archs: Sequence[int], max_confi
             if out["shared"] > limit:
                 problems.append(f"shared memory {out['shared']} B > {limit} B")
             if out.get("spill_bytes"):
-                problems.append(f"register spills ({out['spill_bytes']} B of local memory)")
+                problems.append(f"register spills ({out['spill_bytes']} B of stack/local memory)")
         pruned = kept is not None and _cfg_key(c) not in kept
         if not problems:
             res["status"] = "ok" if not pruned else "ok (pruned)"

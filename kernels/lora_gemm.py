@@ -220,44 +220,51 @@ def _cfg(bm, bn, bk, stages, warps, group_m=8):
     )
 
 
-# Shared memory per line: ``estimate_smem`` for fp16/bf16 with ``num_stages`` buffers (the
-# sm_90 wgmma figure; sm_80/86 -- and NF4 everywhere -- allocate ``num_stages - 1``).  The
-# prune step drops whatever does not fit the current device (RTX 3060 / sm_86: 99 KB,
-# A100: 163 KB, H100: 227 KB) and only offers the dense list for dense weights and the
-# NF4 list for NF4 weights.
+# Every list below compiles without register spills (no stack frame) for sm_80, sm_86 and sm_90
+# with the LoRA epilogue, bias and dropout on (``python -m bench.compile_check``, triton 3.9).
+# The epilogue's second accumulator and the regenerated dropout mask cost registers, so tiles
+# stay at <= 64 fp32 accumulators per thread (128x128 with 8 warps spills 64-700 bytes on
+# sm_80/sm_90; 128x256 spills kilobytes).  The prune step drops whatever does not fit the
+# current device's shared memory (RTX 3060 / sm_86: 99 KB, A100: 163 KB, H100: 227 KB) and
+# offers the dense list for dense weights, the NF4 list for NF4 weights and the FP32 list for
+# fp32 activations (FMA dots: small tiles and BLOCK_K=16).
 DENSE_CONFIGS = [
-    _cfg(128, 256, 64, 3, 8),   # 144 KB  A100/H100
-    _cfg(128, 128, 64, 4, 8),   # 128 KB  A100/H100
-    _cfg(128, 256, 32, 3, 8),   #  72 KB
-    _cfg(128, 128, 64, 3, 8),   #  96 KB
-    _cfg(128, 128, 32, 4, 4),   #  64 KB
-    _cfg(128, 64, 32, 4, 4),    #  48 KB
-    _cfg(64, 256, 32, 4, 8),    #  80 KB
-    _cfg(64, 128, 64, 3, 4),    #  72 KB
-    _cfg(64, 128, 32, 4, 4),    #  48 KB
-    _cfg(64, 64, 64, 3, 4),     #  48 KB
-    _cfg(32, 128, 64, 4, 4),    #  80 KB  small M (decode / tiny batches)
-    _cfg(32, 64, 64, 4, 4),     #  48 KB  small M
+    _cfg(64, 256, 32, 4, 8),
+    _cfg(64, 128, 64, 3, 8),
+    _cfg(128, 64, 64, 3, 8),
+    _cfg(64, 128, 32, 3, 8),
+    _cfg(128, 64, 32, 3, 8),
+    _cfg(64, 64, 64, 3, 4),
+    _cfg(32, 128, 64, 4, 4),    # small M (decode / tiny batches)
+    _cfg(32, 64, 64, 4, 4),     # small M
 ]
 
 # NF4: the code / absmax gathers of ``nf4_dequant_flat`` are fp32 loads that Triton's
 # software pipeliner stages through shared memory like the A tile (12 B per weight element
-# per stage when nested, 8 B when not), so these use fewer stages.  Sizes are nested/plain.
+# per stage when nested, 8 B when not), so these use fewer stages.
 NF4_CONFIGS = [
-    _cfg(128, 128, 32, 3, 8),   # 176 / 128 KB  H100 (A100 plain)
-    _cfg(128, 256, 32, 2, 8),   # 224 / 160 KB  H100 (A100 plain)
-    _cfg(128, 128, 32, 2, 8),   # 120 /  88 KB  A100/H100 (3060 plain)
-    _cfg(128, 64, 64, 2, 8),    # 136 / 104 KB  A100/H100 (3060 fp16 plain: no)
-    _cfg(128, 64, 32, 2, 4),    #  68 /  52 KB
-    _cfg(64, 128, 32, 2, 4),    # 112 /  80 KB  A100/H100 (3060 plain)
-    _cfg(64, 64, 32, 3, 4),     #  88 /  64 KB
-    _cfg(64, 64, 64, 2, 4),     # 120 /  88 KB  A100/H100 (3060 plain)
-    _cfg(32, 128, 32, 2, 4),    # 108 /  76 KB  small M
-    _cfg(32, 64, 32, 3, 4),     #  82 /  58 KB  small M
+    _cfg(128, 128, 32, 3, 8),   # H100 (A100 plain)
+    _cfg(128, 128, 32, 2, 8),   # A100/H100 (3060 plain)
+    _cfg(64, 128, 32, 4, 8),
+    _cfg(128, 64, 32, 4, 8),
+    _cfg(64, 128, 32, 2, 8),
+    _cfg(128, 64, 32, 2, 8),
+    _cfg(64, 64, 32, 3, 4),
+    _cfg(32, 128, 32, 2, 4),    # small M
+    _cfg(32, 64, 32, 3, 4),     # small M
 ]
 
-# Every autotune config (dense first, then NF4); what a compile checker iterates over.
-CONFIGS = DENSE_CONFIGS + NF4_CONFIGS
+# fp32 activations (``DOT_IEEE``), dense or NF4.
+FP32_CONFIGS = [
+    _cfg(64, 64, 16, 3, 8),
+    _cfg(32, 128, 16, 3, 8),
+    _cfg(64, 32, 16, 3, 4),
+    _cfg(32, 64, 16, 3, 4),
+]
+
+# Every autotune config (dense, NF4, fp32; no config appears in two lists, so a config's key
+# names one list); what a compile checker iterates over.
+CONFIGS = DENSE_CONFIGS + NF4_CONFIGS + FP32_CONFIGS
 
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "R", "W_NF4", "NESTED", "HAS_LORA", "HAS_BIAS", "HAS_DROPOUT"]
 
@@ -338,7 +345,7 @@ def smem_limit(device):
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune``: keep the dense or the NF4 list, drop configs that exceed the
+    """``early_config_prune``: keep the dense, NF4 or fp32 list, drop configs that exceed the
     device's shared memory or are a poor fit for the (bucketed) M.  Never returns []."""
     args = {**named_args, **kwargs}
     a = args["a_ptr"]
@@ -348,7 +355,8 @@ def prune_configs(configs, named_args, **kwargs):
     limit, major = _device_info(a.device)
     m_bucket = int(args.get("M_BUCKET", 1 << 30))
 
-    family = [c for c in configs if any(c is f for f in (NF4_CONFIGS if w_nf4 else DENSE_CONFIGS))]
+    own = FP32_CONFIGS if act_bytes == 4 else (NF4_CONFIGS if w_nf4 else DENSE_CONFIGS)
+    family = [c for c in configs if any(c is f for f in own)]
     family = family or list(configs)
 
     def smem(c):

@@ -69,6 +69,24 @@ def _prune(configs, cost, limit_smem=SMEM_LIMIT):
     return tune_pick(kept) if kept else [min(scored, key=lambda t: t[0])[1]]
 
 
+def _only(configs, allowed):
+    return [c for c in configs if any(c is f for f in allowed)]
+
+
+def _without(configs, excluded):
+    return [c for c in configs if not any(c is f for f in excluded)]
+
+
+def _major() -> int:
+    """Compute capability major of the current GPU (8 when unknown: the stricter limits)."""
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_capability()[0])
+    except Exception:
+        return 8
+
+
 def _launch_args(named_args, kwargs):
     a = dict(named_args)
     a.update(kwargs)
@@ -89,11 +107,17 @@ XA_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
     _cfg(8, 3, BLOCK_M=256, BLOCK_K=32),
-    # small tiles for fp32 operands (FMA path, register heavy)
-    _cfg(4, 3, BLOCK_M=16, BLOCK_K=32),
-    _cfg(4, 3, BLOCK_M=32, BLOCK_K=32),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_K=32),
 ]
+# fp32 operands (FMA path, register heavy): the only configs offered to them; each compiles
+# without spills for BLOCK_R 16 and 32 on sm_80/86/90 (bench/compile_check.py)
+XA_FP32_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=16),
+    _cfg(8, 2, BLOCK_M=64, BLOCK_K=32),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_K=16),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_K=16),
+]
+XA_CONFIGS += XA_FP32_CONFIGS
 XA_INTERP_CONFIG = _cfg(4, 1, BLOCK_M=16, BLOCK_K=32)
 XA_K_GRANULE = 256  # split-K chunk sizes are multiples of this (>= every BLOCK_K above)
 
@@ -113,6 +137,7 @@ def prune_xa(configs, named_args, **kwargs):
     br, dropout = a.get("BLOCK_R", MAX_BLOCK_R), a.get("HAS_DROPOUT", True)
     ex = _elsize(a.get("x_ptr"))
     ea = max(ex, _elsize(a.get("a_ptr")))
+    configs = _only(configs, XA_FP32_CONFIGS) if ex == 4 else _without(configs, XA_FP32_CONFIGS)
     return _prune(configs, lambda c: xa_cost(c, br, ex, ea, dropout))
 
 
@@ -146,8 +171,13 @@ def dy_cost(c, block_r, ed, eb):
     # dYB accumulator + the dB partial (prefetched, converted, MMA result) + dy in registers
     load = (bm * block_r + 3 * bn * block_r + bm * bn) / t
     if ed == 4:  # FMA dots reduce over BLOCK_N and BLOCK_M
-        return smem, 40 + load + (0 if max(bm, bn) <= 32 else 999), 112
-    return smem, 40 + 2 * load, 220
+        # 32x16 with 8 warps spills 24 B at BLOCK_R=32 on sm_80/86
+        wide = block_r > 16 and bm > bn and bm * bn >= 512
+        return smem, 40 + load + (0 if max(bm, bn) <= 32 and not wide else 999), 112
+    # register limit from bench/compile_check.py (triton 3.9): on sm_90, 128x64 with 8 warps
+    # (estimate 144) compiles without spills at BLOCK_R <= 32 while 64x128 (160, fp16) and 64x64
+    # with 4 warps (168) spill; on sm_80/86 and for wide rank tiles all three spill
+    return smem, 40 + 2 * load, (150 if _major() >= 9 and block_r <= 32 else 105)
 
 
 def prune_dy(configs, named_args, **kwargs):
@@ -170,11 +200,16 @@ DA_CONFIGS = [
     _cfg(8, 4, BLOCK_M=32, BLOCK_K=256),
     _cfg(8, 4, BLOCK_M=32, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
-    # small tiles for fp32 operands (FMA path)
-    _cfg(4, 3, BLOCK_M=32, BLOCK_K=32),
     _cfg(4, 3, BLOCK_M=16, BLOCK_K=64),
     _cfg(4, 3, BLOCK_M=16, BLOCK_K=32),
 ]
+# fp32 operands (FMA dots reduce over BLOCK_M): the only configs offered to them (spill-free
+# for BLOCK_R 16 and 32 on sm_80/86/90)
+DA_FP32_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=32),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_K=16),
+]
+DA_CONFIGS += DA_FP32_CONFIGS
 DA_INTERP_CONFIG = _cfg(4, 1, BLOCK_M=16, BLOCK_K=32)
 DA_M_GRANULE = 128  # rows per split are multiples of this (>= every BLOCK_M above)
 
@@ -185,13 +220,15 @@ def da_cost(c, block_r, ex, dropout):
     smem = max(c.num_stages, 1) * (bm * bk * ex + block_r * bm * 4)
     if ex == 4:  # FMA dot reduces over BLOCK_M
         return smem, 40 + (bm * bk + block_r * bm + block_r * bk) / t + (0 if bm <= 32 else 999), 90
-    return smem, 40 + (bm * bk / t) * (3 if dropout else 1) + 1.5 * block_r * bk / t, 220
+    # wide rank tiles: 32x64 with 4 warps at BLOCK_R=128 (estimate 152) spills on sm_80/86
+    return smem, 40 + (bm * bk / t) * (3 if dropout else 1) + 1.5 * block_r * bk / t, (220 if block_r <= 64 else 150)
 
 
 def prune_da(configs, named_args, **kwargs):
     a = _launch_args(named_args, kwargs)
     br, dropout = a.get("BLOCK_R", MAX_BLOCK_R), a.get("HAS_DROPOUT", True)
     ex = _elsize(a.get("x_ptr"))
+    configs = _only(configs, DA_FP32_CONFIGS) if ex == 4 else _without(configs, DA_FP32_CONFIGS)
     return _prune(configs, lambda c: da_cost(c, br, ex, dropout))
 
 

@@ -39,6 +39,18 @@ ROWS_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=1),
 ]
+
+
+def prune_rows(configs, named_args, **kwargs):
+    """fp32 merge factors (``IEEE``: FMA dots) hold a BLOCK_R-long dot per output element: tiles
+    above 32 elements per thread spill (0.8-3 KB of stack on sm_80/86/90, compile_check)."""
+    a = {**named_args, **kwargs}
+    if a.get("IEEE", False) and a.get("HAS_MERGE", False):
+        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+        configs = small or list(configs)
+    return tune_pick(configs)
+
+
 ROWS_INTERP_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=1)
 ROWS_MAX_QBLOCK = 256
 
@@ -46,7 +58,7 @@ ROWS_MAX_QBLOCK = 256
 @triton.autotune(
     configs=[ROWS_INTERP_CONFIG] if INTERPRET else ROWS_CONFIGS,
     key=["N", "K", "QBLOCK", "NESTED", "HAS_MERGE", "BLOCK_R", "IEEE"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: tune_pick(configs)},
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: prune_rows(configs, named_args, **kw)},
 )
 @triton.jit
 def nf4_rows_kernel(

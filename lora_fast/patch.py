@@ -154,6 +154,23 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     """The NF4 operand viewing the bnb weight's own tensors, cached while the weight is unchanged."""
     w = base_layer.weight
     qs = getattr(w, "quant_state", None)
+    if qs is None and not hasattr(w, "bnb_quantized"):  # not a Params4bit any more (else from_bnb explains)
+        kind = type(w).__name__
+        try:
+            from torch.distributed.tensor import DTensor
+
+            sharded = isinstance(w, DTensor)
+        except Exception:  # pragma: no cover - torch without torch.distributed
+            sharded = False
+        raise RuntimeError(
+            f"lora_fast: the 4-bit base weight of {type(base_layer).__name__} is a {kind} without a bitsandbytes "
+            f"quant_state{' (an FSDP2-sharded DTensor)' if sharded else ''}, so its NF4 layout is lost. "
+            "This happens when FSDP2's fully_shard shards a bitsandbytes Linear4bit weight, which lora_fast "
+            "does not support: keep the frozen NF4 weights out of sharding with "
+            "fully_shard(module, ignored_params={m.weight for m in model.modules() "
+            "if isinstance(m, bnb.nn.Linear4bit)}) (they stay replicated per rank; the LoRA weights shard), "
+            "or convert the layers with lora_fast.apply_lora / NF4LoRALinear.from_bnb, whose NF4 bytes are buffers."
+        )
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
         # bitsandbytes repacked the weight for its AVX512 CPU kernel (inference); restore the
         # standard layout in place, as bitsandbytes itself does before saving.

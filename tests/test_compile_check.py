@@ -148,6 +148,22 @@ ptxas info    : Used 128 registers, used 0 barriers, 360 bytes cmem[0]
 """
 
 
+def test_parse_res_usage_reads_the_kernels_stack_frame():
+    """Spilled registers live in the stack frame: STACK counts, per function block."""
+    text = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function helper:
+  REG:32 STACK:4096 SHARED:0 LOCAL:0 CONSTANT[0]:0 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function lora_gemm_kernel:
+  REG:255 STACK:2872 SHARED:1024 LOCAL:16 CONSTANT[0]:720 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert cc.parse_res_usage(text, "lora_gemm_kernel") == (255, 2872, 16)
+    assert cc.parse_res_usage(text, "missing") == (32, 4096, 0)  # first block
+    assert cc.parse_res_usage("no blocks here", "x") is None
+
+
 def test_parse_ptxas():
     rows = cc.parse_ptxas(PTXAS_SAMPLE)
     assert len(rows) == 2
