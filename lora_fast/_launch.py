@@ -9,7 +9,7 @@ k_proj training step (five launches) was CPU-bound.
 :func:`launch` keeps, per kernel, a table from a *launch key* to the compiled kernel the normal
 path produced for it.  The launch key is at least as fine as Triton's own cache key: every
 tensor's dtype and 16-byte alignment, every specialised integer's ``== 1`` / ``% 16 == 0`` /
-32-bit-range class, the value of every constexpr and autotune-key argument, the compile options
+i32-i64-u64 class, the value of every constexpr and autotune-key argument, the compile options
 and the heuristics' values.  A new key goes through ``kernel[grid](...)`` (compiling and
 autotuning as usual); a known key launches the compiled kernel directly with the same argument
 list Triton itself passes.
@@ -87,7 +87,7 @@ def _arg_key(name: str, v, info: _Info):
     if isinstance(v, bool):
         return v
     if isinstance(v, int):
-        wide = not (_I32[0] <= v <= _I32[1])
+        wide = 0 if _I32[0] <= v <= _I32[1] else (1 if -(2**63) <= v < 2**63 else 2)  # i32 / i64 / u64
         if name in info.dns:
             return ("i", wide)
         return ("i", wide, v == 1, v % 16 == 0)

@@ -52,3 +52,26 @@ def test_direct_launch_equals_triton_launch(nf4, regime, dropout, m, monkeypatch
     for i, (a, b) in enumerate(zip(slow, fast)):
         for what, u, v in zip(("y", "dx", "dA", "dB"), a, b):
             assert torch.equal(u, v), f"call {i}: {what} differs between Triton's launch and the direct launch"
+
+
+def test_launch_key_is_at_least_as_fine_as_tritons_specialisation():
+    """Integers are keyed by == 1, % 16 and 32/64-bit range (unless do_not_specialize, then by
+    range only), tensors by dtype and 16-byte alignment, constexprs by value."""
+
+    class Info:
+        constexpr = frozenset({"BLOCK"})
+        dns = frozenset({"seed"})
+
+    k = lambda name, v: _launch._arg_key(name, v, Info)  # noqa: E731
+    assert k("n", 1) != k("n", 2)                 # == 1 specialisation
+    assert k("n", 32) != k("n", 33)               # divisibility by 16
+    assert k("n", 32) == k("n", 48)               # same class
+    assert k("n", 2**31) != k("n", 16)            # 64-bit argument
+    assert k("seed", 1) == k("seed", 7)           # not specialised
+    assert k("seed", 1) != k("seed", 2**40)       # ... except for its width
+    assert k("BLOCK", 64) != k("BLOCK", 128)      # constexpr value
+    assert k("p", 0.1) == k("p", 0.5)             # floats are not specialised
+    buf = torch.zeros(64, dtype=torch.float16)
+    assert k("x", buf) != k("x", buf[1:])         # 16-byte alignment
+    assert k("x", buf) != k("x", buf.float())     # dtype
+    assert k("flag", True) != k("flag", False)
