@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
       LORA_FAST_CUDA_BUILD_DIR=/tmp/lf_build_variant timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py --quick --json "$OUT/cuda_selfcheck_variant.json" 2>&1 | tee "$OUT/cuda_variant.log" | tail -30
       cp /tmp/gemv_orig.cu csrc/nf4_lora_gemv.cu ;;
     cuda) shift; timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -30 ;;
-    bench) shift; timeout "${BENCH_TIMEOUT:-400}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
+    bench) shift; timeout "${BENCH_TIMEOUT:-570}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
     *) echo "unknown stage $1"; exit 2 ;;
   esac
 done

@@ -118,9 +118,12 @@ LLAMA2_7B_E2E = E2EConfig(
 PROFILES: Dict[str, Profile] = {
     "h100": Profile(
         "h100",
-        "Llama-3-8B projections on an H100 (80 GB), plus the Hopper ceilings; must finish in < 6 min",
+        "Llama-3-8B projections on an H100 (80 GB), plus the Hopper ceilings; finishes in < 10 min",
         models=("llama3_8b",),
         e2e=LLAMA3_8B_E2E,
+        # 280 s cut the dropout/bias/fp32 variants and the rank sweep on the H100 (run 065908Z:
+        # the other cases took 214 s, the variants' first autotuning alone 75 s)
+        budget_s=480.0,
     ),
     "a100": Profile(
         "a100",
