@@ -126,6 +126,55 @@ def build_model(cfg: E2EConfig, device: torch.device) -> nn.Module:
     return model
 
 
+# Kernel categories of the step breakdown (checked in this order: lora_fast's own kernels have
+# "gemm" in their names, bitsandbytes' dequantisation is not a GEMM).
+STEP_CATEGORIES = (
+    ("adapter (lora_fast kernels)", ("xa_kernel", "dy_pass_kernel", "da_kernel", "nf4_rows_kernel", "merge_kernel",
+                                     "lora_gemm_kernel", "nf4_dequant_kernel", "nf4_lora_gemv", "lora_fast")),
+    ("nf4 dequant (bitsandbytes)", ("kdequantize", "dequantize_blockwise", "kgemm_4bit", "gemv_4bit")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk")),
+    ("elementwise / reduce / copy", ("elementwise", "reduce", "copy", "memcpy", "memset", "fill", "cat",
+                                     "index", "softmax", "norm", "multi_tensor", "adam", "scatter", "gather")),
+)
+
+
+def classify_kernel(name: str) -> str:
+    low = name.lower()
+    for cat, keys in STEP_CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_step(step: Callable[[], object], dev: Dev) -> Optional[Dict[str, object]]:
+    """One training step under torch.profiler: GPU time per kernel category (ms), kernel launches,
+    and the step's wall time; ``idle`` is wall minus the kernels' summed time.  None off CUDA."""
+    if dev.torch_device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    dev.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        a, b = dev.event(), dev.event()
+        a.record()
+        step()
+        b.record()
+        dev.sync()
+    cats: Dict[str, float] = {}
+    launches = 0
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        launches += 1
+        cat = classify_kernel(ev.name)
+        cats[cat] = cats.get(cat, 0.0) + ev.time_range.elapsed_us() / 1e3
+    wall = a.elapsed_time(b)
+    busy = sum(cats.values())
+    return {"wall_ms": wall, "busy_ms": busy, "idle_ms": max(0.0, wall - busy), "kernels": launches,
+            "ms_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
+
+
 def _trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -166,6 +215,10 @@ def _train(model: nn.Module, cfg: E2EConfig, dev: Dev, ids: torch.Tensor) -> Dic
         "losses": [float(v) for v in torch.stack(losses).float().cpu().tolist()],
         "trainable_params": sum(p.numel() for p in params),
     }
+    try:  # one more step under the profiler (after the timed ones; its loss is not recorded)
+        res["breakdown"] = profile_step(step, dev)
+    except Exception as exc:  # the breakdown is a diagnostic: never fail the e2e case for it
+        res["breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
     del opt
     return res
 

@@ -310,6 +310,20 @@ def render(res: Dict, profile) -> str:
         if e2e.get("speedup_tokens_per_s"):
             lines.append(f"speed-up {e2e['speedup_tokens_per_s']:.3f}x; max |loss difference| over the steps "
                          f"{e2e['max_abs_loss_diff']:.4g}")
+        tb = e2e.get("lora_fast_torch_backend") or {}
+        if tb.get("status") == "ok" and e2e.get("max_abs_loss_diff_torch_backend") is not None:
+            lines.append(f"lora_fast on its PyTorch backend (same patched model): max |loss difference| to peft_bnb "
+                         f"{e2e['max_abs_loss_diff_torch_backend']:.4g}")
+        bd = {v: (e2e.get(v) or {}).get("breakdown") for v in ("peft_bnb", "lora_fast")}
+        bd = {v: b for v, b in bd.items() if isinstance(b, dict) and "ms_by_category" in b}
+        if bd:
+            cats = sorted({c for b in bd.values() for c in b["ms_by_category"]})
+            body = []
+            for v, b in bd.items():
+                body.append([v, f"{b['wall_ms']:.1f}", f"{b['busy_ms']:.1f}", f"{b['idle_ms']:.1f}", str(b["kernels"])]
+                            + [f"{b['ms_by_category'].get(c, 0.0):.1f}" for c in cats])
+            lines.append("one profiled step (ms; torch.profiler, CUDA kernels by category; idle = wall - busy):")
+            lines.append(_table(["variant", "wall", "busy", "idle", "kernels"] + cats, body))
 
     sm = res.get("summary") or {}
     if sm.get("sum7"):

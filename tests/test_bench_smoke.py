@@ -113,3 +113,18 @@ def test_dry_run_exercises_gpu_path(tmp_path):
     assert steps and all(r["peak_extra_MB"] is not None for r in steps)
     assert {s["proj"] for s in steps} == {"q_proj,o_proj", "k_proj,v_proj", "gate_proj,up_proj", "down_proj"}
     assert set(res["summary"]["sum7"]) >= {"peft_bnb", "ceiling", "lora_fast_torch"}
+
+
+def test_e2e_kernel_categories():
+    """The e2e step breakdown's kernel classes: lora_fast's own kernels before the generic
+    'gemm' match, bitsandbytes' dequantisation apart from the GEMMs."""
+    from bench.e2e import classify_kernel
+
+    assert classify_kernel("lora_gemm_kernel") == "adapter (lora_fast kernels)"
+    assert classify_kernel("dy_pass_kernel") == "adapter (lora_fast kernels)"
+    assert classify_kernel("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, ...)") \
+        == "nf4 dequant (bitsandbytes)"
+    assert classify_kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert classify_kernel("void at::native::vectorized_elementwise_kernel<8, ...>") == "elementwise / reduce / copy"
+    assert classify_kernel("pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert classify_kernel("something_else") == "other"
