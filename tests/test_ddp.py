@@ -1,16 +1,14 @@
 """DistributedDataParallel (gloo, two CPU processes) over lora_fast layers gives the gradients of
 a single-process run on the whole batch: a patched PEFT model and an apply_lora NF4 model."""
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lora_fast
+from mp_ranks import run_ranks
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -95,41 +93,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(out_dir, timeout_s=300.0):
-    """Start the ranks and wait for them; a rank still alive once every result file exists is
-    stuck in process-group teardown (seen once in ~5 CI runs on 2 cores) and is terminated
-    rather than hanging the suite.  A rank that fails, or no results in time, fails the test."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
     wanted = [os.path.join(out_dir, f"{key}.pt") for key in BUILDERS]
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            codes = [p.exitcode for p in procs]
-            if any(c not in (None, 0) for c in codes):
-                raise AssertionError(f"a DDP rank failed (exit codes {codes})")
-            if all(c == 0 for c in codes):
-                return
-            if all(os.path.exists(w) for w in wanted):
-                for p in procs:
-                    p.join(timeout=30)
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"DDP ranks gave no result within {timeout_s:.0f} s")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
+    run_ranks(_worker, WORLD, out_dir, wanted, "DDP", timeout_s)
 
 
 def test_ddp_gloo_two_processes_matches_single_process(tmp_path):

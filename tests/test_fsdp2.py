@@ -10,14 +10,13 @@ plain tensors without their quant_state; the patched layer then raises an error 
 names the way out (checked here too).
 """
 import os
-import socket
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from mp_ranks import run_ranks
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -124,40 +123,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(out_dir, timeout_s=300.0):
-    """As tests/test_ddp.py: a rank still alive once every result file exists is stuck in
-    process-group teardown and is terminated; a failing rank or no result in time fails."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
     wanted = [os.path.join(out_dir, f"{key}.pt") for key in BUILDERS] + [os.path.join(out_dir, "sharded_bnb.txt")]
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            codes = [p.exitcode for p in procs]
-            if any(c not in (None, 0) for c in codes):
-                raise AssertionError(f"an FSDP2 rank failed (exit codes {codes})")
-            if all(c == 0 for c in codes):
-                return
-            if all(os.path.exists(w) for w in wanted):
-                for p in procs:
-                    p.join(timeout=30)
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"FSDP2 ranks gave no result within {timeout_s:.0f} s")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
+    run_ranks(_worker, WORLD, out_dir, wanted, "FSDP2", timeout_s)
 
 
 def test_fsdp2_gloo_two_processes_matches_single_process(tmp_path):
