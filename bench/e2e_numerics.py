@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from .e2e import build_model
+from .e2e import _trainable, build_model
 from .profiles import PROFILES
 
 SETTINGS = {
@@ -27,10 +27,6 @@ SETTINGS = {
     "triton_dequant_path": {"LORA_FAST_TRITON_PATH": "dequant"},
     "torch_backend": {"LORA_FAST_BACKEND": "torch"},
 }
-
-
-def _trainable(model) -> Dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _train(model, ids, steps: int, lr: float):

@@ -58,7 +58,7 @@ def status() -> Tuple[bool, str]:
 class _Info:
     """What :func:`launch` needs to know about one (possibly autotuned / heuristics-wrapped) kernel."""
 
-    __slots__ = ("autotuner", "heuristics", "arg_names", "constexpr", "dns", "tune_keys", "table")
+    __slots__ = ("autotuner", "heuristics", "arg_names", "name_set", "constexpr", "dns", "tune_keys", "table")
 
     def __init__(self, kernel) -> None:
         import triton
@@ -70,6 +70,7 @@ class _Info:
         if not isinstance(jit, triton.runtime.JITFunction):
             raise TypeError(f"not a Triton kernel: {type(jit).__name__}")
         self.arg_names = list(jit.arg_names)
+        self.name_set = frozenset(self.arg_names)
         self.constexpr = frozenset(p.name for p in jit.params if p.is_constexpr)
         self.dns = frozenset(p.name for p in jit.params if p.do_not_specialize)
         self.tune_keys = tuple(self.autotuner.keys) if self.autotuner is not None else ()
@@ -98,6 +99,17 @@ def _arg_key(name: str, v, info: _Info):
     return (type(v).__name__, v)  # anything else: keyed by value
 
 
+def _meta(info: _Info, bound: Dict[str, Any], cfg: Dict[str, Any]):
+    """Every argument value of a launch (the call's, the autotuned config's, the heuristics')
+    and the heuristics' values as a key."""
+    meta = {**bound, **cfg}
+    if info.heuristics is None:
+        return meta, ()
+    for name, heur in info.heuristics.values.items():
+        meta[name] = heur(meta)
+    return meta, tuple(meta[n] for n in info.heuristics.values)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, through the direct path when this launch key was seen."""
     if not status()[0]:
@@ -110,7 +122,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     bound = dict(zip(names, args))
     options = []
     for k, v in kwargs.items():
-        if k in info.constexpr or k in bound or k in names:
+        if k in info.name_set:
             bound[k] = v
         else:
             options.append((k, v))
@@ -120,12 +132,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     entry = info.table.get(key)
     if entry is not None:
         cfg, kernels = entry
-        meta = {**bound, **cfg}
-        hkey = ()
-        if info.heuristics is not None:
-            for name, heur in info.heuristics.values.items():
-                meta[name] = heur(meta)
-            hkey = tuple(meta[n] for n in info.heuristics.values)
+        meta, hkey = _meta(info, bound, cfg)
         ck = kernels.get(hkey)
         if ck is not None:
             g = grid(meta) if callable(grid) else grid
@@ -136,12 +143,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if ck is None or not hasattr(ck, "function"):
         return
     cfg = dict(info.autotuner.best_config.kwargs) if info.autotuner is not None else {}
-    meta = {**bound, **cfg}
-    hkey = ()
-    if info.heuristics is not None:
-        for name, heur in info.heuristics.values.items():
-            meta[name] = heur(meta)
-        hkey = tuple(meta[n] for n in info.heuristics.values)
+    meta, hkey = _meta(info, bound, cfg)
     if any(n not in meta for n in names):
         return  # an argument left to its default: not worth special-casing
     if entry is None:
