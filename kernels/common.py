@@ -26,6 +26,12 @@ def autotune_enabled() -> bool:
     return os.environ.get("LORA_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def configs_in(configs, members, keep=True):
+    """The entries of ``configs`` that are (``keep``) or are not (``keep=False``) one of the
+    config objects in ``members`` (identity: equal configs may stand in two lists)."""
+    return [c for c in configs if any(c is m for m in members) == keep]
+
+
 def tune_pick(configs):
     """What an ``early_config_prune`` returns: all ``configs``, or only the first when
     autotuning is off (see :func:`autotune_enabled`)."""

@@ -82,7 +82,7 @@ by definition so that every kernel draws the same philox stream).
 import triton
 import triton.language as tl
 
-from .common import dropout_keep_scale, nf4_dequant_flat, tune_pick
+from .common import configs_in, dropout_keep_scale, nf4_dequant_flat, tune_pick
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -356,7 +356,7 @@ def prune_configs(configs, named_args, **kwargs):
     m_bucket = int(args.get("M_BUCKET", 1 << 30))
 
     own = FP32_CONFIGS if act_bytes == 4 else (NF4_CONFIGS if w_nf4 else DENSE_CONFIGS)
-    family = [c for c in configs if any(c is f for f in own)]
+    family = configs_in(configs, own)
     family = family or list(configs)
 
     def smem(c):

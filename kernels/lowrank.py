@@ -31,7 +31,7 @@ import os
 import triton
 import triton.language as tl
 
-from .common import dropout_keep_scale, nf4_dequant_flat, tune_pick
+from .common import configs_in, dropout_keep_scale, nf4_dequant_flat, tune_pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -67,14 +67,6 @@ def _prune(configs, cost, limit_smem=SMEM_LIMIT):
         if smem <= limit_smem and load <= load_limit:
             kept.append(c)
     return tune_pick(kept) if kept else [min(scored, key=lambda t: t[0])[1]]
-
-
-def _only(configs, allowed):
-    return [c for c in configs if any(c is f for f in allowed)]
-
-
-def _without(configs, excluded):
-    return [c for c in configs if not any(c is f for f in excluded)]
 
 
 def _major() -> int:
@@ -137,7 +129,7 @@ def prune_xa(configs, named_args, **kwargs):
     br, dropout = a.get("BLOCK_R", MAX_BLOCK_R), a.get("HAS_DROPOUT", True)
     ex = _elsize(a.get("x_ptr"))
     ea = max(ex, _elsize(a.get("a_ptr")))
-    configs = _only(configs, XA_FP32_CONFIGS) if ex == 4 else _without(configs, XA_FP32_CONFIGS)
+    configs = configs_in(configs, XA_FP32_CONFIGS, keep=ex == 4)
     return _prune(configs, lambda c: xa_cost(c, br, ex, ea, dropout))
 
 
@@ -228,7 +220,7 @@ def prune_da(configs, named_args, **kwargs):
     a = _launch_args(named_args, kwargs)
     br, dropout = a.get("BLOCK_R", MAX_BLOCK_R), a.get("HAS_DROPOUT", True)
     ex = _elsize(a.get("x_ptr"))
-    configs = _only(configs, DA_FP32_CONFIGS) if ex == 4 else _without(configs, DA_FP32_CONFIGS)
+    configs = configs_in(configs, DA_FP32_CONFIGS, keep=ex == 4)
     return _prune(configs, lambda c: da_cost(c, br, ex, dropout))
 
 
