@@ -281,24 +281,30 @@ def _group_operands(layers) -> List[Tuple[Base, Optional[Tensor], Tensor, Tensor
 
 
 class _GroupedLoRA(torch.autograd.Function):
-    """Layers that read the same X (q/k/v, gate/up) on the Triton merged path: one pass over X
-    gives every layer's XA (their A matrices stacked) and one pass gives every dA; each layer
-    still runs its own GEMM, and dX is accumulated in place across layers."""
+    """Layers that read the same X (q/k/v, gate/up) on the Triton split/merged regimes: one pass
+    over X gives every layer's XA (their A matrices stacked) and one pass gives every dA; each
+    layer still runs its own base GEMM, and dX is accumulated in place across layers (onto one
+    rank-sum GEMM of the split layers' adapter terms)."""
 
     @staticmethod
-    def forward(ctx, x, group, *params):
+    def forward(ctx, x, group, paths, *params):
         from . import triton_backend as tb
 
         a_cat = torch.cat([A.to(x.dtype) for _, _, A, _, _ in group], dim=0)
         xa_all = tb._xa(x, a_cat, 0.0, 0)
         ys, off = [], 0
-        for base, bias, A, B, s in group:
-            w_eff = tb._effective_weight(base, A, B, s, x.dtype)
-            ys.append(torch.addmm(bias.to(x.dtype), x, w_eff.t()) if bias is not None else x @ w_eff.t())
-            off += A.shape[0]
-        _backend.record("triton", f"fwd_grouped{len(group)}_merged")
+        for (base, bias, A, B, s), path in zip(group, paths):
+            r = A.shape[0]
+            if path == "split":
+                y = tb.adapter_out(xa_all[:, off:off + r], B.t(), s, bias, x.dtype)
+                ys.append(y.addmm_(x, tb._dequantized(base, x.dtype, cast=True).t()))
+            else:
+                w_eff = tb._effective_weight(base, A, B, s, x.dtype)
+                ys.append(torch.addmm(bias.to(x.dtype), x, w_eff.t()) if bias is not None else x @ w_eff.t())
+            off += r
+        _backend.record("triton", f"fwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         ctx.save_for_backward(x, xa_all)
-        ctx.group = group
+        ctx.group, ctx.paths = group, paths
         return tuple(ys)
 
     @staticmethod
@@ -306,10 +312,9 @@ class _GroupedLoRA(torch.autograd.Function):
         from . import triton_backend as tb
 
         x, xa_all = ctx.saved_tensors
-        group = ctx.group
-        _backend.record("triton", f"bwd_grouped{len(group)}_merged")
-        dx = None
-        dybs, dAs, dBs, dbiases = [], [], [], []
+        group, paths = ctx.group, ctx.paths
+        _backend.record("triton", f"bwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
+        dybs, dBs, dbiases, dys_used = [], [], [], []
         off = 0
         for (base, bias, A, B, s), dy in zip(group, dys):
             r = A.shape[0]
@@ -320,17 +325,27 @@ class _GroupedLoRA(torch.autograd.Function):
             dyb, db = tb._dy(dy, B, xa_all[:, off:off + r], s, 0.0)
             dybs.append(dyb * s)
             dBs.append(db)
+            dys_used.append(dy)
             dbiases.append(dy.sum(0) if bias is not None and bias.requires_grad else None)
-            if ctx.needs_input_grad[0]:
-                w_eff = tb._effective_weight(base, A, B, s, dy.dtype)
-                dx = dy @ w_eff if dx is None else dx.addmm_(dy, w_eff)
             off += r
+        dx = None
+        if ctx.needs_input_grad[0]:
+            split = [i for i, p in enumerate(paths) if p == "split"]
+            if split:  # the split layers' adapter terms s·(dY·B)·A, as one GEMM over their ranks
+                dx = tb.adapter_out(torch.cat([dybs[i] for i in split], dim=1),
+                                    torch.cat([group[i][2] for i in split], dim=0), 1.0, None, x.dtype)
+            for (base, bias, A, B, s), dy, path in zip(group, dys_used, paths):
+                if path == "split":
+                    w = tb._dequantized(base, dy.dtype, cast=True)
+                else:
+                    w = tb._effective_weight(base, A, B, s, dy.dtype)
+                dx = dy @ w if dx is None else dx.addmm_(dy, w)
         da_all = tb._da(torch.cat(dybs, dim=1), x, 1.0, 0.0, 0, torch.float32)
         grads, off = [], 0
         for (base, bias, A, B, s), db, dbias in zip(group, dBs, dbiases):
             grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias]
             off += A.shape[0]
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
 def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
@@ -367,8 +382,12 @@ def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
         x = _autocast_input(x)
         from . import triton_backend as tb
 
-        if tb.plan(x.reshape(-1, k).shape[0], 0.0, x.device) != "merged":
-            why = "triton path is not merged"
+        m = x.reshape(-1, k).shape[0]
+        paths = tuple(tb.plan(m, 0.0, x.device, layer.operand() if hasattr(layer, "operand") else layer.weight)
+                      for layer in layers)
+        other = sorted(set(paths) - {"split", "merged"})
+        if other:
+            why = f"triton path is {other[0]}"
     if why is not None:
         _backend.record("grouped", f"per_layer({why})")
         return [layer(x) for layer in layers]
@@ -380,5 +399,5 @@ def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
     params = []
     for _, bias, A, B, _ in group:
         params += [A, B, bias if bias is not None else torch.empty(0, device=x.device)]
-    ys = _GroupedLoRA.apply(x2, group, *params)
+    ys = _GroupedLoRA.apply(x2, group, paths, *params)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]

@@ -69,14 +69,19 @@ def lora_linear_ref(
 def forward(
     x: Tensor, w: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scaling: float, mask: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    """Torch-backend forward on 2-D ``x`` (M, K) with dense ``w`` (N, K): returns (y, xa fp32)."""
+    """Torch-backend forward on 2-D ``x`` (M, K) with dense ``w`` (N, K): returns (y, xa fp32).
+
+    The adapter term (+ bias) is written first and the base GEMM accumulates onto it, so Y is
+    rounded once from the fp32 sum, as the Triton kernels do.  (Rounding ``X·Wᵀ`` first, as
+    PEFT does, drops an adapter term below half an ulp of the output: bench/NOTES.md.)"""
     dt = x.dtype
     xd = x if mask is None else (x * mask).to(dt)
     xa = xd @ A.to(dt).t()
-    y = x @ w.to(dt).t()
-    y = torch.addmm(y, xa, B.to(dt).t(), alpha=scaling)
     if bias is not None:
-        y = y + bias.to(dt)
+        y = torch.addmm(bias.to(dt), xa, B.to(dt).t(), alpha=scaling)
+    else:
+        y = torch.mm(xa, B.to(dt).t()).mul_(scaling)
+    y.addmm_(x, w.to(dt).t())
     return y, xa.to(torch.float32)
 
 
@@ -97,10 +102,10 @@ def backward(
     dyb = dy @ B.to(dt)  # (M, r)
     dx = da = db = dbias = None
     if need_dx:
-        adapter = (dyb @ A.to(dt)) * scaling
+        adapter = (dyb @ A.to(dt)).mul_(scaling)
         if mask is not None:
             adapter = adapter * mask
-        dx = (dy @ w.to(dt) + adapter).to(x.dtype)
+        dx = adapter.to(dt).addmm_(dy, w.to(dt)).to(x.dtype)  # one rounding, as in forward
     if need_da:
         xd = x if mask is None else (x * mask).to(dt)
         da = (scaling * (dyb.t() @ xd.to(dt))).to(A.dtype)

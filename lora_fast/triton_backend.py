@@ -2,10 +2,20 @@
 
 Regimes, chosen per call by :func:`plan`:
 
-* ``merged`` (no dropout): ``W_eff = deq(W0) + s·B·A`` is built in one Triton pass into a
-  transient buffer (freed after use, never kept between forward and backward) and a single
-  cuBLAS GEMM computes ``Y = X·W_effᵀ`` and ``dX = dY·W_eff`` -- exact algebra, and the adapter
-  costs no pass over Y or dX.  ``XA``/``dY·B``/``dB``/``dA`` come from the low-rank passes.
+* ``merged`` (no dropout, NF4 base: the default there): ``W_eff = deq(W0) + s·B·A`` is built in
+  one Triton pass into a transient buffer (freed after use, never kept between forward and
+  backward) and a single cuBLAS GEMM computes ``Y = X·W_effᵀ`` and ``dX = dY·W_eff``; the adapter
+  costs no pass over Y or dX.  ``W_eff`` is rounded once to the activation dtype from fp32
+  ``code·absmax + s·B·A``, which lies off the bf16 grid: while ``s·B·A`` is far below one ulp of
+  W0 (early in training) the rounding keeps it on average (one-ulp flips of W0).  Measured
+  (bench/NOTES.md, "End-to-end loss curves"): the loss curve follows an fp32 run of the same model
+  as closely as the split regime does.
+* ``split`` (no dropout, dense base: the default there): the dense bf16/fp16 W0 is *on* the grid,
+  so ``W0 + s·B·A`` would round back to W0 and lose a small adapter.  Instead the adapter term
+  ``bias + s·XA·Bᵀ`` is written first by a rank-r cuBLAS GEMM into the output and the base GEMM
+  accumulates onto it in its epilogue (``Y.addmm_(X, Wᵀ)``, beta = 1): Y is rounded once, from
+  fp32.  The same for ``dX = s·(dY·B)·A + dY·W``.  An NF4 base can ask for it too (its deq(W0)
+  goes to a transient buffer).
 * ``dequant`` (dropout > 0): the adapter sees ``drop(X)``, so it cannot be folded into the
   weight.  ``deq(W0)`` goes to a transient buffer and the Triton GEMM adds the adapter in its
   epilogue (``Y = X·Wᵀ + s·XA·Bᵀ``; ``dX = dY·W + s·(dY·B)·A⊙m`` with the mask regenerated).
@@ -13,8 +23,11 @@ Regimes, chosen per call by :func:`plan`:
   buffer at all).  On an H100 this lost at every M measured (e.g. gate_proj step at M=64:
   6.2 ms against 1.8 ms merged at M=256, q_proj with dropout at M=8192: 63 ms), so it runs only
   when ``LORA_FAST_TRITON_PATH=fused`` asks for it; decode-sized NF4 forwards go to the CUDA
-  GEMV under ``auto`` instead (see ops.py).  ``LORA_FAST_TRITON_PATH`` = merged | dequant |
-  fused forces a regime where it is valid (tests use it).
+  GEMV under ``auto`` instead (see ops.py).
+
+``LORA_FAST_TRITON_PATH`` = split | merged | dequant | fused forces a regime where it is valid
+(tests and the bench use it).  In every regime ``XA``/``dY·B``/``dB``/``dA`` come from the
+low-rank passes.
 """
 from __future__ import annotations
 
@@ -31,7 +44,7 @@ from ._operand import NF4Operand
 Tensor = torch.Tensor
 Base = Union[Tensor, NF4Operand]
 
-PATHS = ("merged", "dequant", "fused")
+PATHS = ("split", "merged", "dequant", "fused")
 LOWRANK = ("triton", "cublas")
 
 
@@ -66,16 +79,30 @@ def _da(dyb: Tensor, x: Tensor, scaling: float, dropout_p: float, seed: int, out
     return da_pass(dyb, x, scaling=scaling, dropout_p=dropout_p, seed=seed, out_dtype=out_dtype)
 
 
-def plan(m: int, dropout_p: float, device: torch.device) -> str:
-    """The regime of a call with ``m`` rows: 'merged', 'dequant' or 'fused' (module docstring)."""
+def plan(m: int, dropout_p: float, device: torch.device, base: Optional[Base] = None) -> str:
+    """The regime of a call with ``m`` rows on ``base``: 'merged', 'split', 'dequant' or 'fused'
+    (module docstring)."""
     forced = os.environ.get("LORA_FAST_TRITON_PATH", "").strip().lower()
     if forced:
         if forced not in PATHS:
             raise ValueError(f"LORA_FAST_TRITON_PATH={forced!r} is not one of {', '.join(PATHS)}")
-        if forced == "merged" and dropout_p > 0:
+        if forced in ("split", "merged") and dropout_p > 0:
             return "dequant"  # the adapter sees drop(X): it cannot be folded into the weight
         return forced
-    return "merged" if dropout_p == 0.0 else "dequant"
+    if dropout_p > 0:
+        return "dequant"
+    return "merged" if isinstance(base, NF4Operand) else "split"
+
+
+def adapter_out(lowrank: Tensor, factor: Tensor, scaling: float, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``bias + s·lowrank @ factor`` as a new (M, N) tensor in ``dtype``: the output buffer a base
+    GEMM then accumulates onto (``out.addmm_(x, w)``).  lowrank (M, r) fp32, factor (r, N)."""
+    lr = lowrank.to(dtype)
+    f = factor.to(dtype)
+    if bias is not None:
+        return torch.addmm(bias.to(dtype), lr, f, alpha=scaling)
+    out = torch.empty((lr.shape[0], f.shape[1]), dtype=dtype, device=lr.device)
+    return out.addmm_(lr, f, beta=0, alpha=scaling)  # beta = 0: the uninitialised buffer is not read
 
 
 def _effective_weight(base: Base, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -91,12 +118,13 @@ def _effective_weight(base: Base, A: Tensor, B: Tensor, scaling: float, dtype: t
     return dense_merge(base, A, B, scaling=scaling, out_dtype=dtype)
 
 
-def _dequantized(base: Base, dtype: torch.dtype) -> Tensor:
+def _dequantized(base: Base, dtype: torch.dtype, cast: bool = False) -> Tensor:
+    """deq(W0) (N, K) in ``dtype``; a dense W0 as it is (``cast``: in ``dtype``, for cuBLAS)."""
     if isinstance(base, NF4Operand):
         if _nf4_rows.supported(base):
             return _nf4_rows.dequant_rows(base, dtype)
         return dequant_nf4(base, out_dtype=dtype)
-    return base
+    return base.to(dtype) if cast else base
 
 
 def _kind(base: Base) -> str:
@@ -109,8 +137,11 @@ def forward(
     """x (M, K) -> (y (M, N) in x.dtype, xa (M, r) fp32)."""
     m = x.shape[0]
     xa = _xa(x, A, dropout_p, seed)
-    path = plan(m, dropout_p, x.device)
+    path = plan(m, dropout_p, x.device, base)
     _backend.record("triton", f"fwd_{path}_{_kind(base)}")
+    if path == "split":
+        y = adapter_out(xa, B.t(), scaling, bias, x.dtype)
+        return y.addmm_(x, _dequantized(base, x.dtype, cast=True).t()), xa
     if path == "merged":
         w_eff = _effective_weight(base, A, B, scaling, x.dtype)
         if bias is not None:
@@ -138,14 +169,16 @@ def backward(
     """(dx, dA, dB, dbias) for the flags in ``needs``; dW0 is never computed."""
     need_dx, need_da, need_db, need_dbias = needs
     m = dy.shape[0]
-    path = plan(m, dropout_p, dy.device)
+    path = plan(m, dropout_p, dy.device, base)
     _backend.record("triton", f"bwd_{path}_{_kind(base)}")
     dyb = db = None
     if need_da or need_db or (need_dx and path != "merged"):
         dyb, db = _dy(dy, B, xa, scaling, dropout_p)
     dx = None
     if need_dx:
-        if path == "merged":
+        if path == "split":
+            dx = adapter_out(dyb, A, scaling, None, dy.dtype).addmm_(dy, _dequantized(base, dy.dtype, cast=True))
+        elif path == "merged":
             dx = dy @ _effective_weight(base, A, B, scaling, dy.dtype)
         else:
             w = _dequantized(base, dy.dtype) if path == "dequant" else base

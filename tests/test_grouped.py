@@ -32,11 +32,13 @@ def _grads(layers, x, dys, grouped):
     ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "triton+merged", "torch"])
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_equals_per_layer(backend, nf4, bias, monkeypatch):
+    backend, _, path = backend.partition("+")
     monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", path)
     dtype = torch.float32
     layers = _layers(nf4, dtype, bias=bias)
     x = torch.randn(2, 9, 96, device=DEV, dtype=dtype, requires_grad=True)
@@ -45,7 +47,8 @@ def test_grouped_equals_per_layer(backend, nf4, bias, monkeypatch):
     got = _grads(layers, x, dys, grouped=True)
     stats = lora_fast.dispatch_stats()
     if backend == "triton":
-        assert stats.get("triton:fwd_grouped3_merged") == 1 and stats.get("triton:bwd_grouped3_merged") == 1
+        path = path or ("merged" if nf4 else "split")  # the default regime per base kind
+        assert stats.get(f"triton:fwd_grouped3_{path}") == 1 and stats.get(f"triton:bwd_grouped3_{path}") == 1
     else:
         assert stats.get("grouped:per_layer(backend is not triton)") == 1
     want = _grads(layers, x, dys, grouped=False)
