@@ -5,7 +5,8 @@
 Builds the e2e model of the ``h100`` profile (NF4 Llama-3-8B-shaped layers, PEFT LoRA r=16 on all
 seven projections), trains it a few AdamW steps with PEFT, then patches it with lora_fast and
 trains the same steps from the same initial adapters under several settings (Triton default,
-LORA_FAST_LOWRANK=cublas, LORA_FAST_TRITON_PATH=dequant, LORA_FAST_BACKEND=torch).  Prints each
+the opt-in merged regime, LORA_FAST_LOWRANK=cublas, LORA_FAST_TRITON_PATH=dequant,
+LORA_FAST_BACKEND=torch).  Prints each
 setting's losses and how far its first-step adapter gradients are from PEFT's.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .profiles import PROFILES
 
 SETTINGS = {
     "triton": {},
+    "triton_split_path": {"LORA_FAST_TRITON_PATH": "split"},
+    "triton_merged_path": {"LORA_FAST_TRITON_PATH": "merged"},
     "triton_cublas_lowrank": {"LORA_FAST_LOWRANK": "cublas"},
     "triton_dequant_path": {"LORA_FAST_TRITON_PATH": "dequant"},
     "torch_backend": {"LORA_FAST_BACKEND": "torch"},
@@ -60,10 +63,26 @@ def main(argv=None) -> int:
     ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(dev)
     init = {n: p.detach().clone() for n, p in _trainable(model).items()}
     res: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
+    # the fp32 reference: same weights and adapters, activations in fp32
+    ref_model = build_model(cfg, dev, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in _trainable(ref_model).items():
+            p.copy_(init[n])
+    fp32_losses, _ = _train(ref_model, ids, args.steps, cfg.lr)
+    del ref_model
+    torch.cuda.empty_cache()
+    res["peft_fp32"] = {"losses": fp32_losses}
     peft_losses, peft_g = _train(model, ids, args.steps, cfg.lr)
-    res["peft_bnb"] = {"losses": peft_losses}
+
+    def dist(losses):
+        return (max(abs(a - b) for a, b in zip(losses, fp32_losses)),
+                max(abs(a - b) for a, b in zip(losses, peft_losses)))
+
+    res["peft_bnb"] = {"losses": peft_losses, "max_abs_diff_to_fp32": dist(peft_losses)[0]}
     lora_fast.patch(model)
-    lines = [f"{'peft_bnb':24s} " + " ".join(f"{v:.4f}" for v in peft_losses)]
+    lines = [f"{'':24s} losses per step{'':{max(0, 8 * args.steps - 15)}s} max |diff| to fp32 / to peft_bnb",
+             f"{'peft_fp32 (reference)':24s} " + " ".join(f"{v:.4f}" for v in fp32_losses),
+             f"{'peft_bnb':24s} " + " ".join(f"{v:.4f}" for v in peft_losses) + f"   {dist(peft_losses)[0]:.4f} / -"]
     for name, env in SETTINGS.items():
         with torch.no_grad():
             for n, p in _trainable(model).items():
@@ -86,9 +105,11 @@ def main(argv=None) -> int:
             rel[n] = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         worst = max(rel.items(), key=lambda kv: kv[1]) if rel else ("", 0.0)
         ratio = {n: (g0[n].norm() / peft_g[n].norm().clamp_min(1e-30)).item() for n in rel}
-        res[name] = {"losses": losses, "grad0_rel_diff_worst": worst, "grad0_norm_ratio": ratio}
-        lines.append(f"{name:24s} " + " ".join(f"{v:.4f}" for v in losses)
-                     + f"   step-0 grads vs PEFT: worst rel diff {worst[1]:.2e} ({worst[0].split('model.')[-1]})")
+        d32, dpeft = dist(losses)
+        res[name] = {"losses": losses, "max_abs_diff_to_fp32": d32, "max_abs_diff_to_peft_bnb": dpeft,
+                     "grad0_rel_diff_worst": worst, "grad0_norm_ratio": ratio}
+        lines.append(f"{name:24s} " + " ".join(f"{v:.4f}" for v in losses) + f"   {d32:.4f} / {dpeft:.4f}")
+        lines.append(f"{'':24s} step-0 grads vs PEFT: worst rel diff {worst[1]:.2e} ({worst[0].split('model.')[-1]})")
         rs = sorted(ratio.values())
         lines.append(f"{'':24s} grad-norm ratio to PEFT min {rs[0]:.4f} median {rs[len(rs) // 2]:.4f} max {rs[-1]:.4f}")
     path = args.json or os.path.join(os.environ.get("OUT", "/tmp"), "e2e_numerics.json")

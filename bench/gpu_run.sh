@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session of lora_fast on the lent machine: install, parity tests, CUDA self-check,
-# benchmark.  Usage: bash bench/gpu_run.sh [tests] [cuda] [bench ARGS...]
+# benchmark.  Usage: bash bench/gpu_run.sh [tests] [breakdown] [numerics] [cuda] [cudavar] [bench ARGS...]
 # bitsandbytes travels unpacked in .whl/site (the machine cannot reach a registry).
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_fast_gpu}; mkdir -p "$OUT"
@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
       cp csrc/nf4_lora_gemv.cu /tmp/gemv_orig.cu && cp .variant/nf4_lora_gemv.cu csrc/nf4_lora_gemv.cu
       LORA_FAST_CUDA_BUILD_DIR=/tmp/lf_build_variant timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py --quick --json "$OUT/cuda_selfcheck_variant.json" 2>&1 | tee "$OUT/cuda_variant.log" | tail -30
       cp /tmp/gemv_orig.cu csrc/nf4_lora_gemv.cu ;;
+    numerics) shift; timeout "${NUMERICS_TIMEOUT:-240}" python3 -m bench.e2e_numerics --json "$OUT/e2e_numerics.json" ${NUMERICS_ARGS:-} 2>&1 | tee "$OUT/e2e_numerics.log" | tail -30 ;;
     cuda) shift; timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -30 ;;
     bench) shift; timeout "${BENCH_TIMEOUT:-570}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
     *) echo "unknown stage $1"; exit 2 ;;

@@ -312,8 +312,10 @@ def render(res: Dict, profile) -> str:
                          f"{e2e['max_abs_loss_diff']:.4g}")
         tb = e2e.get("lora_fast_torch_backend") or {}
         if tb.get("status") == "ok" and e2e.get("max_abs_loss_diff_torch_backend") is not None:
+            tri = e2e.get("max_abs_loss_diff_triton_vs_torch_backend")
             lines.append(f"lora_fast on its PyTorch backend (same patched model): max |loss difference| to peft_bnb "
-                         f"{e2e['max_abs_loss_diff_torch_backend']:.4g}")
+                         f"{e2e['max_abs_loss_diff_torch_backend']:.4g}"
+                         + ("" if tri is None else f", to lora_fast's Triton run {tri:.4g}"))
         bd = {v: (e2e.get(v) or {}).get("breakdown") for v in ("peft_bnb", "lora_fast")}
         bd = {v: b for v, b in bd.items() if isinstance(b, dict) and "ms_by_category" in b}
         if bd:

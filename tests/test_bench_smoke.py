@@ -128,3 +128,22 @@ def test_e2e_kernel_categories():
     assert classify_kernel("void at::native::vectorized_elementwise_kernel<8, ...>") == "elementwise / reduce / copy"
     assert classify_kernel("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert classify_kernel("something_else") == "other"
+
+
+def test_rounding_emulation_reproduces_peft():
+    """bench.rounding's emulation of PEFT's bf16 rounding (base output rounded, then the adapter
+    added) must give PEFT's own bf16 loss curve, or its comparison with lora_fast's numerics
+    means nothing.  Tiny model, three steps."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from bench import rounding
+    from bench.profiles import E2EConfig
+
+    cfg = E2EConfig("tiny", hidden=128, inter=448, layers=2, heads=8, kv_heads=2, vocab=512, batch=2, seq=32)
+    res = rounding.run(cfg, steps=3, log=lambda *_: None)
+    curves = res["losses"]
+    assert set(curves) == {"peft_fp32", "peft_bf16", "double", "single", "merged"}
+    assert all(len(v) == 3 for v in curves.values())
+    assert curves["single"][0] == curves["double"][0]  # B = 0: the same first forward
+    for a, b in zip(curves["double"], curves["peft_bf16"]):
+        assert abs(a - b) < 2e-3, (curves["double"], curves["peft_bf16"])
