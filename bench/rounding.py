@@ -10,10 +10,13 @@ bench, scaled down) is trained from the same weights and adapters in five ways:
 * ``double``: PEFT's bf16 rounding emulated: ``Y = bf16(bf16(X·Wᵀ) + bf16(s·XA·Bᵀ))``;
 * ``single``: lora_fast's split regime: ``Y = bf16(X·Wᵀ + bf16(s·XA·Bᵀ))`` (fp32 sum, one rounding),
   the same for ``dX``;
-* ``merged``: lora_fast's NF4 merged regime: ``W_eff = bf16(code·absmax + s·B·A)`` from fp32.
+* ``merged``: lora_fast's NF4 merged regime: ``W_eff = bf16(code·absmax + s·B·A)`` from fp32;
+* ``lora_fast``: the model patched by ``lora_fast.patch`` on the backend ``auto`` picks (on the
+  CPU the PyTorch backend, which rounds like the split regime; on a GPU the kernels).
 
-The three emulations run in PyTorch on the CPU (bf16 ``tl.dot`` does not run in Triton's
-interpreter); ``python -m bench.e2e_numerics`` runs the real kernels on a GPU.  Early in training
+The three emulations run in PyTorch (bf16 ``tl.dot`` does not run in Triton's interpreter, so on
+the CPU the kernels' own bf16 numerics can only be emulated); ``python -m bench.e2e_numerics``
+runs the real kernels at full size on a GPU.  Early in training
 ``s·XA·Bᵀ`` is far below one ulp of the bf16 base output, so rounding the base output first (PEFT)
 drops most of the adapter's effect; ``single`` and ``merged`` keep it.  Results: bench/NOTES.md.
 """
@@ -32,6 +35,7 @@ from .e2e import _trainable, build_model
 from .profiles import E2EConfig
 
 MODES = ("double", "single", "merged")
+RUNS = ("peft_fp32", "peft_bf16") + MODES + ("lora_fast",)
 BF16 = torch.bfloat16
 
 
@@ -114,13 +118,13 @@ def _train(model, ids, steps: int, lr: float) -> List[float]:
     return losses
 
 
-def run(cfg: E2EConfig, steps: int, log=print) -> Dict[str, object]:
-    dev = torch.device("cpu")
+def run(cfg: E2EConfig, steps: int, log=print, device: str = "cpu") -> Dict[str, object]:
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(dev)
     curves: Dict[str, List[float]] = {}
     init = None
-    for name in ("peft_fp32", "peft_bf16") + MODES:
+    for name in RUNS:
         model = build_model(cfg, dev, dtype=torch.float32 if name == "peft_fp32" else BF16)
         params = _trainable(model)
         if init is None:
@@ -130,6 +134,11 @@ def run(cfg: E2EConfig, steps: int, log=print) -> Dict[str, object]:
                 p.copy_(init[n])
         if name in MODES and emulate(model, name) == 0:
             raise RuntimeError("no PEFT LoRA layer found to emulate")
+        if name == "lora_fast":
+            import lora_fast
+
+            if not lora_fast.patch(model).converted:
+                raise RuntimeError("lora_fast.patch converted no layer")
         curves[name] = _train(model, ids, steps, cfg.lr)
         log(f"{name:10s} " + " ".join(f"{v:.4f}" for v in curves[name]))
         del model
@@ -146,13 +155,14 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to run the lora_fast row on the kernels")
     ap.add_argument("--json", default=None, help="write the curves here")
     args = ap.parse_args(argv)
     cfg = E2EConfig("rounding", hidden=args.hidden, inter=int(args.hidden * 3.5), layers=args.layers,
                     heads=8, kv_heads=2, vocab=args.vocab, batch=2, seq=args.seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = run(cfg, args.steps)
+        res = run(cfg, args.steps, device=args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -130,20 +130,23 @@ def test_e2e_kernel_categories():
     assert classify_kernel("something_else") == "other"
 
 
-def test_rounding_emulation_reproduces_peft():
-    """bench.rounding's emulation of PEFT's bf16 rounding (base output rounded, then the adapter
-    added) must give PEFT's own bf16 loss curve, or its comparison with lora_fast's numerics
-    means nothing.  Tiny model, three steps."""
+def test_bf16_loss_curve_follows_fp32_not_peft_rounding():
+    """bench.rounding on a small model: the emulation of PEFT's bf16 rounding (base output rounded,
+    then the adapter added) reproduces PEFT's own bf16 curve, and lora_fast's patched model in
+    bf16 (here its PyTorch backend, which rounds like the kernels) stays much closer to the fp32
+    run of the same model than PEFT's bf16 curve does (bench/NOTES.md)."""
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     from bench import rounding
     from bench.profiles import E2EConfig
 
-    cfg = E2EConfig("tiny", hidden=128, inter=448, layers=2, heads=8, kv_heads=2, vocab=512, batch=2, seq=32)
+    cfg = E2EConfig("small", hidden=256, inter=896, layers=2, heads=8, kv_heads=2, vocab=1024, batch=2, seq=64)
     res = rounding.run(cfg, steps=3, log=lambda *_: None)
-    curves = res["losses"]
-    assert set(curves) == {"peft_fp32", "peft_bf16", "double", "single", "merged"}
-    assert all(len(v) == 3 for v in curves.values())
+    curves, dist = res["losses"], res["max_abs_diff_to_fp32"]
+    assert set(curves) == set(rounding.RUNS) and all(len(v) == 3 for v in curves.values())
     assert curves["single"][0] == curves["double"][0]  # B = 0: the same first forward
     for a, b in zip(curves["double"], curves["peft_bf16"]):
-        assert abs(a - b) < 2e-3, (curves["double"], curves["peft_bf16"])
+        assert abs(a - b) < 5e-4, (curves["double"], curves["peft_bf16"])
+    assert dist["peft_bf16"] > 1e-3, dist  # the effect is visible at this size
+    assert dist["lora_fast"] < 0.3 * dist["peft_bf16"], dist
+    assert dist["single"] < 0.3 * dist["peft_bf16"], dist

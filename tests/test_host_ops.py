@@ -1,0 +1,64 @@
+"""Host work per training step of one layer on the Triton backend: torch ops and kernel launches.
+
+On an H100 the host, not the GPU, bounds the step of the narrow projections (bench/NOTES.md: each
+torch op costs 15-20 µs of CPU there, each Triton launch ~40 µs after lora_fast/_launch.py).  These
+tests count what one forward + backward issues, with the Triton launches stubbed out (the values
+are not checked here; the parity tests do that), so a change that adds host work shows up as a
+failure to be justified.  The counts are the CPU (interpreter) decomposition: on a GPU the split
+counts of the reductions depend on the SM count, so these run on the CPU only."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lora_fast import LoRALinear, NF4LoRALinear
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU decomposition (split counts depend on the GPU)")
+
+# (torch ops, Triton launches) of one forward + backward, as measured when these budgets were set
+# (3 of the ops are autograd's detach of the new .grad of x, A and B)
+BUDGET = {
+    "nf4-merged": (27, ["xa_kernel", "nf4_rows_kernel", "dy_pass_kernel", "nf4_rows_kernel", "da_kernel"]),
+    "dense-split": (30, ["xa_kernel", "dy_pass_kernel", "da_kernel"]),
+}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", sorted(BUDGET))
+def test_host_work_per_step(case, monkeypatch):
+    from lora_fast import _lowrank, _nf4_rows
+
+    launches = []
+
+    def fake_launch(kernel, grid, *args, **kwargs):
+        launches.append(getattr(getattr(kernel, "fn", kernel), "__name__", "?"))
+
+    monkeypatch.setattr(_lowrank, "launch", fake_launch)
+    monkeypatch.setattr(_nf4_rows, "launch", fake_launch)
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", "")
+    kind, regime = case.split("-")
+    lin = torch.nn.Linear(256, 128, bias=False, dtype=torch.float16)
+    layer = (NF4LoRALinear if kind == "nf4" else LoRALinear).from_linear(lin, r=16, lora_alpha=32)
+    x = torch.randn(64, 256, dtype=torch.float16, requires_grad=True)
+    dy = torch.randn(64, 128, dtype=torch.float16)
+    for _ in range(2):  # the second step is the one counted (caches warm, grads set to None)
+        for p in (x, layer.lora_A, layer.lora_B):
+            p.grad = None
+        launches.clear()
+        with _Count() as count:
+            layer(x).backward(dy)
+    n_ops = sum(count.ops.values())
+    max_ops, want_launches = BUDGET[case]
+    assert launches == want_launches
+    assert n_ops <= max_ops, f"{n_ops} torch ops per step (budget {max_ops}): {dict(count.ops)}"
