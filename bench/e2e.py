@@ -334,6 +334,27 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
                 os.environ.pop("LORA_FAST_BACKEND", None)
             else:
                 os.environ["LORA_FAST_BACKEND"] = old_backend
+    # (d) the same patched model with the sibling projections grouped (patch(group_siblings=True):
+    # q/k/v and gate/up read X once per step for their adapters), on the default backend
+    if entry.get("status") == "ok" and method == "lora_fast.patch":
+        try:
+            with torch.no_grad():
+                for n, p in _trainable(patched).items():
+                    if n in init:
+                        p.copy_(init[n])
+            lora_fast.unpatch(patched)
+            groups = lora_fast.patch(patched, group_siblings=True).groups
+            before = dict(lora_fast.dispatch_stats())
+            g_entry = _train(patched, cfg, dev, ids)
+            after = dict(lora_fast.dispatch_stats())
+            g_entry["groups"] = len(groups)
+            g_entry["dispatch"] = {k: v - before.get(k, 0) for k, v in after.items()
+                                   if v - before.get(k, 0) > 0 and ("grouped" in k)}
+            result["lora_fast_grouped"] = g_entry
+            log(f"e2e      lora_fast (group_siblings): {g_entry['tokens_per_s']:10.0f} tok/s  "
+                f"{g_entry['ms_per_step']:8.1f} ms/step  loss {g_entry['losses'][-1]:.4f}")
+        except Exception as exc:
+            result["lora_fast_grouped"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     a, b = result["peft_bnb"], result["lora_fast"]
     if isinstance(a, dict) and isinstance(b, dict) and a.get("status") == "ok" and b.get("status") == "ok":
         result["speedup_tokens_per_s"] = b["tokens_per_s"] / a["tokens_per_s"]

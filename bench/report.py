@@ -316,6 +316,12 @@ def render(res: Dict, profile) -> str:
             lines.append(f"lora_fast on its PyTorch backend (same patched model): max |loss difference| to peft_bnb "
                          f"{e2e['max_abs_loss_diff_torch_backend']:.4g}"
                          + ("" if tri is None else f", to lora_fast's Triton run {tri:.4g}"))
+        gr = e2e.get("lora_fast_grouped") or {}
+        if gr.get("status") == "ok":
+            lines.append(f"lora_fast with patch(group_siblings=True): {gr['tokens_per_s']:.0f} tokens/s, "
+                         f"{gr['ms_per_step']:.1f} ms/step, last loss {gr['losses'][-1]:.4f}")
+        elif gr:
+            lines.append(f"lora_fast with patch(group_siblings=True): {str(gr.get('error'))[:120]}")
         bd = {v: (e2e.get(v) or {}).get("breakdown") for v in ("peft_bnb", "lora_fast")}
         bd = {v: b for v, b in bd.items() if isinstance(b, dict) and "ms_by_category" in b}
         if bd:

@@ -368,34 +368,48 @@ def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layers expect in_features={k}")
     why = None
-    if torch.compiler.is_compiling():
-        why = "torch.compile"
-    elif any(layer.merged for layer in layers):
+    if any(layer.merged for layer in layers):
         why = "merged layer"
     elif any(layer.training and layer.lora_dropout > 0 for layer in layers):
         why = "dropout"
-    elif _backend.select(x.device) != "triton":
-        why = "backend is not triton"
     if why is None:
         from .modules import _autocast_input
 
         x = _autocast_input(x)
+        ys = grouped_call(x, _group_operands(layers))
+        if ys is not None:
+            return ys
+    else:
+        _backend.record("grouped", f"per_layer({why})")
+    return [layer(x) for layer in layers]
+
+
+def grouped_call(x: Tensor, group: List[Tuple[Base, Optional[Tensor], Tensor, Tensor, float]]) -> Optional[List[Tensor]]:
+    """The grouped Triton call on operands: ``x`` (..., K) in the compute dtype, ``group`` a list
+    of ``(base, bias, A, B, scaling)`` without dropout.  Returns the outputs, or None (the reason
+    recorded in ``dispatch_stats`` as ``grouped:per_layer(...)``) where it does not apply:
+    ``torch.compile``, a backend other than Triton, a regime other than split/merged."""
+    why = None
+    k = x.shape[-1]
+    if torch.compiler.is_compiling():
+        why = "torch.compile"
+    elif _backend.select(x.device) != "triton":
+        why = "backend is not triton"
+    else:
         from . import triton_backend as tb
 
-        m = x.reshape(-1, k).shape[0]
-        paths = tuple(tb.plan(m, 0.0, x.device, layer.operand() if hasattr(layer, "operand") else layer.weight)
-                      for layer in layers)
+        m = x.numel() // k if k else 0
+        paths = tuple(tb.plan(m, 0.0, x.device, base) for base, _, _, _, _ in group)
         other = sorted(set(paths) - {"split", "merged"})
         if other:
             why = f"triton path is {other[0]}"
     if why is not None:
         _backend.record("grouped", f"per_layer({why})")
-        return [layer(x) for layer in layers]
+        return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    group = _group_operands(layers)
     params = []
     for _, bias, A, B, _ in group:
         params += [A, B, bias if bias is not None else torch.empty(0, device=x.device)]

@@ -51,7 +51,7 @@ from . import _backend
 from . import nf4 as nf4_mod
 from ._operand import NF4Operand
 from .modules import LoRALinear, NF4LoRALinear, _autocast_input
-from .ops import lora_linear
+from .ops import grouped_call, lora_linear
 
 Tensor = torch.Tensor
 
@@ -64,6 +64,7 @@ class PatchReport:
 
     converted: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    groups: List[List[str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"lora_fast.patch: {len(self.converted)} LoRA layers converted, {len(self.skipped)} skipped"]
@@ -105,29 +106,45 @@ class _FastForwardMixin:
     _lf_orig_cls: type
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        orig_forward = self._lf_orig_cls.forward
+        spec = self._lf_spec(x, args, kwargs)
+        if spec is None:
+            if args or any(v is not None for v in kwargs.values()):
+                return self._lf_orig_cls.forward(self, x, *args, **kwargs)
+            return self._lf_orig_cls.forward(self, x)
+        group = self.__dict__.get("_lf_group")
+        if group is not None:
+            y = group.forward(self, x)
+            if y is not None:
+                return y
+        return _run_spec(spec)
+
+    def _lf_spec(self, x: Tensor, args=(), kwargs=None):
+        """What the fast path runs for input ``x``: ``(x in the compute dtype, base, bias, A, B,
+        s, p, output dtype or None)``; None where PEFT's own forward must run (fallbacks are
+        recorded and warned about here)."""
+        kwargs = kwargs or {}
         if args or any(v is not None for v in kwargs.values()):
             if kwargs.get("adapter_names") is not None:
                 _fallback(self, "mixed-adapter batch (adapter_names=...)")
             else:
                 _fallback(self, "extra forward arguments")
-            return orig_forward(self, x, *args, **kwargs)
+            return None
         if self.disable_adapters or self.merged:
-            return orig_forward(self, x)
+            return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
-            return orig_forward(self, x)
+            return None
         for a in active:
             if a in self.lora_variant:
                 _fallback(self, f"active adapter uses a LoRA variant ({type(self.lora_variant[a]).__name__})")
-                return orig_forward(self, x)
+                return None
             if self.lora_bias.get(a, False):
                 _fallback(self, "active adapter has lora_bias=True")
-                return orig_forward(self, x)
+                return None
         ps = [_dropout_p(self.lora_dropout[a]) for a in active]
         if len(active) > 1 and any(p > 0 for p in ps):
             _fallback(self, "several active adapters with dropout")
-            return orig_forward(self, x)
+            return None
 
         base_layer = self.get_base_layer()
         if len(active) == 1:
@@ -137,11 +154,116 @@ class _FastForwardMixin:
             A = torch.cat([self.lora_A[a].weight for a in active], dim=0)
             B = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], dim=1)
             s, p = 1.0, 0.0
-        if _is_bnb_4bit(base_layer):
-            return _nf4_forward(self, base_layer, x, A, B, s, p)
-        x = _autocast_input(x)
         bias = base_layer.bias
-        return lora_linear(x, base_layer.weight, None if bias is None else bias.to(x.dtype), A, B, s, p)
+        if _is_bnb_4bit(base_layer):
+            compute = getattr(base_layer, "compute_dtype", None)
+            # as bnb's Linear4bit.forward: compute in compute_dtype, return the input's dtype
+            xc = x.to(compute) if compute is not None else _autocast_input(x)
+            return (xc, _nf4_operand(self, base_layer), None if bias is None else bias.to(xc.dtype), A, B, s, p, x.dtype)
+        xc = _autocast_input(x)
+        return (xc, base_layer.weight, None if bias is None else bias.to(xc.dtype), A, B, s, p, None)
+
+
+def _run_spec(spec) -> Tensor:
+    xc, base, bias, A, B, s, p, out_dtype = spec
+    y = lora_linear(xc, base, bias, A, B, s, p)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+class _SiblingGroup:
+    """Patched layers under one parent module with the same in_features (q/k/v/o, gate/up) that
+    may read the same input: ``patch(model, group_siblings=True)``.
+
+    The first forward of the parent is a probe: each member runs on its own and the group notes
+    which members are called one after the other with the very same input tensor (q, k, v with
+    the hidden states; not o_proj).  From then on, when the first of such a run is called, the
+    whole run goes through :func:`lora_fast.ops.grouped_call` (X read once for all their XA and
+    dA) and the others' outputs wait in a stash until they are called with that same tensor.  A
+    member called with another input, or outputs left unclaimed when the parent returns, end the
+    grouping for good (recorded as ``grouped:off(...)`` in ``dispatch_stats``); every case where
+    the grouped call does not apply (dropout, other backends, torch.compile) runs layer by layer."""
+
+    def __init__(self, members: List[nn.Module]):
+        self.members = members
+        self.state = "probe"
+        self.calls: List[tuple] = []
+        self.runs: Dict[int, List[nn.Module]] = {}
+        self.stash: Dict[int, Tensor] = {}
+        self.stash_x: Optional[Tensor] = None
+
+    def _off(self, why: str) -> None:
+        self.state = "off"
+        self.stash.clear()
+        self.stash_x = None
+        _backend.record("grouped", f"off({why})")
+
+    def pre_hook(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.calls.clear()
+        self.stash.clear()
+        self.stash_x = None
+
+    def post_hook(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self.state == "probe":
+            self._finish_probe()
+        elif self.stash:
+            self._off("outputs computed ahead were never claimed")
+        self.stash_x = None
+
+    def _finish_probe(self) -> None:
+        runs, cur = [], []
+        for layer, x in self.calls:
+            if cur and x is cur[-1][1] and all(layer is not l for l, _ in cur):
+                cur.append((layer, x))
+            else:
+                if len(cur) > 1:
+                    runs.append([l for l, _ in cur])
+                cur = [(layer, x)]
+        if len(cur) > 1:
+            runs.append([l for l, _ in cur])
+        self.calls.clear()
+        if not runs:
+            self.state = "off"  # no two members read the same input: nothing to group
+            return
+        self.runs = {id(run[0]): run for run in runs}
+        self.state = "on"
+
+    def forward(self, layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+        """The layer's output if the group provides it, else None (the layer runs alone)."""
+        if self.state == "off" or torch.compiler.is_compiling():
+            return None
+        if self.state == "probe":
+            self.calls.append((layer, x))
+            return None
+        key = id(layer)
+        if key in self.stash:
+            if x is self.stash_x:
+                return self.stash.pop(key)
+            self._off("a member was called with another input than its group's")
+            return None
+        run = self.runs.get(key)
+        if run is None:
+            return None
+        specs = [m._lf_spec(x) for m in run]
+        if any(sp is None or sp[6] > 0 for sp in specs):
+            _backend.record("grouped", "per_layer(dropout or a PEFT fallback)")
+            return None
+        xc, out_dtype = specs[0][0], specs[0][7]
+        if any(sp[0].dtype != xc.dtype or sp[7] != out_dtype for sp in specs):
+            _backend.record("grouped", "per_layer(members compute in different dtypes)")
+            return None
+        ys = grouped_call(xc, [sp[1:6] for sp in specs])
+        if ys is None:
+            return None
+        if out_dtype is not None:
+            ys = [y.to(out_dtype) for y in ys]
+        self.stash_x = x
+        for m, y in zip(run[1:], ys[1:]):
+            self.stash[id(m)] = y
+        return ys[0]
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -187,18 +309,6 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
                     (int(q.shape[0]), int(q.shape[1])), q.code)
     layer.__dict__["_lf_nf4_cache"] = (key, op)
     return op
-
-
-def _nf4_forward(layer, base_layer, x: Tensor, A: Tensor, B: Tensor, s: float, p: float) -> Tensor:
-    inp_dtype = x.dtype
-    compute = getattr(base_layer, "compute_dtype", None)
-    if compute is not None:  # as bnb's Linear4bit.forward: compute in compute_dtype, return inp dtype
-        x = x.to(compute)
-    else:
-        x = _autocast_input(x)
-    bias = base_layer.bias
-    y = lora_linear(x, _nf4_operand(layer, base_layer), None if bias is None else bias.to(x.dtype), A, B, s, p)
-    return y.to(inp_dtype)
 
 
 def _patched_class(orig: type) -> type:
@@ -266,13 +376,18 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     return None
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, group_siblings: bool = False) -> PatchReport:
     """Convert, in place, every PEFT LoRA linear layer of ``model`` to run on lora_fast.
 
     ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers (the
     model may also be wrapped by DDP: pass ``ddp.module``).  Tensors are shared, nothing is
     re-quantised; see the module docstring.  Returns a :class:`PatchReport`; layers that are
     skipped are listed there with a reason and warned about (once per call).
+
+    ``group_siblings=True`` (opt-in, not yet measured faster on a GPU: bench/NOTES.md) also runs
+    the patched layers of one parent that read the same input (q/k/v, gate/up) as one grouped
+    call (:func:`lora_fast.lora_linear_grouped`; see ``_SiblingGroup``).  ``report.groups``
+    lists the candidate groups; the first forward finds which members really share an input.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -292,6 +407,8 @@ def patch(model: nn.Module) -> PatchReport:
         mod.__class__ = _patched_class(type(mod))
         mod.__dict__.pop("_lf_nf4_cache", None)
         report.converted.append(name)
+    if group_siblings:
+        report.groups = _install_groups(model)
     if report.skipped:
         warnings.warn(str(report), RuntimeWarning, stacklevel=2)
     elif not report.converted:
@@ -300,9 +417,40 @@ def patch(model: nn.Module) -> PatchReport:
     return report
 
 
+def _install_groups(model: nn.Module) -> List[List[str]]:
+    """Attach a :class:`_SiblingGroup` to every parent's patched children of equal in_features
+    (at least two), with the parent's forward hooks that drive it.  Returns their names."""
+    _remove_groups(model)
+    names = []
+    for pname, parent in model.named_modules():
+        by_k: Dict[int, List[tuple]] = collections.defaultdict(list)
+        for cname, child in parent.named_children():
+            if isinstance(child, _FastForwardMixin):
+                by_k[int(child.in_features)].append((cname, child))
+        for members in by_k.values():
+            if len(members) < 2:
+                continue
+            group = _SiblingGroup([m for _, m in members])
+            for _, m in members:
+                m.__dict__["_lf_group"] = group
+            handles = parent.__dict__.setdefault("_lf_group_handles", [])
+            handles.append(parent.register_forward_pre_hook(group.pre_hook))
+            handles.append(parent.register_forward_hook(group.post_hook))
+            names.append([f"{pname}.{c}" if pname else c for c, _ in members])
+    return names
+
+
+def _remove_groups(model: nn.Module) -> None:
+    for mod in model.modules():
+        mod.__dict__.pop("_lf_group", None)
+        for h in mod.__dict__.pop("_lf_group_handles", []):
+            h.remove()
+
+
 def unpatch(model: nn.Module) -> List[str]:
     """Give every patched layer its PEFT class back (weights are shared, so training is kept).
     Returns the names of the layers restored."""
+    _remove_groups(model)
     restored = []
     for name, mod in model.named_modules():
         if isinstance(mod, _FastForwardMixin):

@@ -496,3 +496,74 @@ def test_loraplus_param_groups():
     by = {g["name"]: g for g in groups}
     assert len(by["lora_B"]["params"]) == 14 and by["lora_B"]["lr"] == pytest.approx(8e-4)
     assert all(p.shape[1] == 4 for p in by["lora_B"]["params"])
+
+
+# ------------------------------------------------------------------------------ sibling groups
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_group_siblings_same_results_and_grouped_calls(nf4, monkeypatch):
+    """patch(group_siblings=True) on the Triton backend (interpreter on the CPU): q/k/v and
+    gate/up run as grouped calls from the second forward on (the first one probes), with the
+    outputs and adapter gradients of the per-layer patched model."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    ref = peft_model(nf4)
+    fast = copy.deepcopy(ref)
+    lora_fast.patch(ref)
+    report = lora_fast.patch(fast, group_siblings=True)
+    attn = [g for g in report.groups if g[0].endswith("q_proj")]
+    assert len(report.groups) == 4 and len(attn) == 2 and len(attn[0]) == 4  # q, k, v, o share K=64
+    ref.train(), fast.train()
+    for step in range(2):
+        b = batch(seed=200 + step)
+        lora_fast.dispatch_stats(reset=True)
+        loss_f = fast(**b).loss
+        loss_f.backward()
+        stats = lora_fast.dispatch_stats()
+        loss_r = ref(**b).loss
+        loss_r.backward()
+        torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
+        grouped = {k: v for k, v in stats.items() if "_grouped" in k}
+        if step == 0:  # the probe step runs layer by layer
+            assert not grouped
+        else:
+            regime = "merged" if nf4 else "split"
+            assert grouped == {f"triton:fwd_grouped3_{regime}": 2, f"triton:bwd_grouped3_{regime}": 2,
+                               f"triton:fwd_grouped2_{regime}": 2, f"triton:bwd_grouped2_{regime}": 2}, stats
+            assert not any(k.startswith("grouped:off") for k in stats)
+    assert_grads_close(lora_grads(fast), lora_grads(ref), rtol=1e-4, atol=1e-6)
+    lora_fast.unpatch(fast)
+    assert not any("_lf_group" in m.__dict__ or "_lf_group_handles" in m.__dict__ for m in fast.modules())
+
+
+def test_group_siblings_called_apart_turns_off_and_stays_right(monkeypatch):
+    """A member called with another input than its group's ends the grouping (recorded), and
+    the results stay those of the per-layer model."""
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    model = peft_model(False)
+    lora_fast.patch(model, group_siblings=True)
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(2, SEQ, 64)
+    with torch.no_grad():
+        want_gate, want_up = mlp.gate_proj(x), mlp.up_proj(x)
+        mlp(x)  # probe: gate and up read the same x
+        lora_fast.dispatch_stats(reset=True)
+        mlp(x)  # grouped
+        assert lora_fast.dispatch_stats().get("triton:fwd_grouped2_split") == 1
+        # inside one call of the parent, up_proj gets another input than gate_proj did
+        orig = type(mlp).forward
+
+        def odd_forward(self, h):
+            g = self.gate_proj(h)
+            u = self.up_proj(h * 1.0)
+            return self.down_proj(self.act_fn(g) * u), g, u
+
+        type(mlp).forward = odd_forward
+        try:
+            _, g, u = mlp(x)
+        finally:
+            type(mlp).forward = orig
+    torch.testing.assert_close(g, want_gate, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u, want_up, rtol=1e-5, atol=1e-6)
+    assert any(k.startswith("grouped:off(a member was called with another input") for k in lora_fast.dispatch_stats())
+    assert mlp.gate_proj.__dict__["_lf_group"].state == "off"
