@@ -170,84 +170,59 @@ def _run_spec(spec) -> Tensor:
     return y if out_dtype is None else y.to(out_dtype)
 
 
-class _SiblingGroup:
-    """Patched layers under one parent module with the same in_features (q/k/v/o, gate/up) that
-    may read the same input: ``patch(model, group_siblings=True)``.
+# sibling projections that read the same input in common architectures (Llama/Mistral/Qwen
+# attention and MLP, Mixtral experts, BERT-style attention), each in its call order
+SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
 
-    The first forward of the parent is a probe: each member runs on its own and the group notes
-    which members are called one after the other with the very same input tensor (q, k, v with
-    the hidden states; not o_proj).  From then on, when the first of such a run is called, the
-    whole run goes through :func:`lora_fast.ops.grouped_call` (X read once for all their XA and
-    dA) and the others' outputs wait in a stash until they are called with that same tensor.  A
-    member called with another input, or outputs left unclaimed when the parent returns, end the
-    grouping for good (recorded as ``grouped:off(...)`` in ``dispatch_stats``); every case where
-    the grouped call does not apply (dropout, other backends, torch.compile) runs layer by layer."""
+
+class _SiblingGroup:
+    """Patched sibling layers of one parent module that read the same input (q/k/v, gate/up):
+    ``patch(model, group_siblings=True)``.
+
+    When the group's first member is called with X, the whole group goes through
+    :func:`lora_fast.ops.grouped_call` (X read once for all their XA and dA) and the other
+    members' outputs wait in a stash, claimed when they are called with that very tensor.  The
+    rule depends only on the calls inside one forward of the parent, so a checkpointed
+    recompute does exactly what the forward did.  A member called with another tensor runs on
+    its own (``grouped:stash_miss``); outputs nobody claimed are dropped when the parent returns
+    (``grouped:unclaimed``); where the grouped call does not apply (dropout, other backends,
+    torch.compile) every member runs on its own -- all counted in ``dispatch_stats``."""
 
     def __init__(self, members: List[nn.Module]):
         self.members = members
-        self.state = "probe"
-        self.calls: List[tuple] = []
-        self.runs: Dict[int, List[nn.Module]] = {}
         self.stash: Dict[int, Tensor] = {}
         self.stash_x: Optional[Tensor] = None
 
-    def _off(self, why: str) -> None:
-        self.state = "off"
+    def _clear(self) -> None:
         self.stash.clear()
         self.stash_x = None
-        _backend.record("grouped", f"off({why})")
 
     def pre_hook(self, module, args) -> None:
-        if torch.compiler.is_compiling():
-            return
-        self.calls.clear()
-        self.stash.clear()
-        self.stash_x = None
+        if not torch.compiler.is_compiling():
+            self._clear()
 
     def post_hook(self, module, args, output) -> None:
         if torch.compiler.is_compiling():
             return
-        if self.state == "probe":
-            self._finish_probe()
-        elif self.stash:
-            self._off("outputs computed ahead were never claimed")
-        self.stash_x = None
-
-    def _finish_probe(self) -> None:
-        runs, cur = [], []
-        for layer, x in self.calls:
-            if cur and x is cur[-1][1] and all(layer is not l for l, _ in cur):
-                cur.append((layer, x))
-            else:
-                if len(cur) > 1:
-                    runs.append([l for l, _ in cur])
-                cur = [(layer, x)]
-        if len(cur) > 1:
-            runs.append([l for l, _ in cur])
-        self.calls.clear()
-        if not runs:
-            self.state = "off"  # no two members read the same input: nothing to group
-            return
-        self.runs = {id(run[0]): run for run in runs}
-        self.state = "on"
+        if self.stash:
+            _backend.record("grouped", "unclaimed")
+        self._clear()
 
     def forward(self, layer: nn.Module, x: Tensor) -> Optional[Tensor]:
         """The layer's output if the group provides it, else None (the layer runs alone)."""
-        if self.state == "off" or torch.compiler.is_compiling():
-            return None
-        if self.state == "probe":
-            self.calls.append((layer, x))
+        if torch.compiler.is_compiling():
             return None
         key = id(layer)
         if key in self.stash:
             if x is self.stash_x:
                 return self.stash.pop(key)
-            self._off("a member was called with another input than its group's")
+            _backend.record("grouped", "stash_miss")
+            self._clear()
             return None
-        run = self.runs.get(key)
-        if run is None:
+        if layer is not self.members[0]:
             return None
-        specs = [m._lf_spec(x) for m in run]
+        self._clear()
+        specs = [m._lf_spec(x) for m in self.members]
         if any(sp is None or sp[6] > 0 for sp in specs):
             _backend.record("grouped", "per_layer(dropout or a PEFT fallback)")
             return None
@@ -261,7 +236,7 @@ class _SiblingGroup:
         if out_dtype is not None:
             ys = [y.to(out_dtype) for y in ys]
         self.stash_x = x
-        for m, y in zip(run[1:], ys[1:]):
+        for m, y in zip(self.members[1:], ys[1:]):
             self.stash[id(m)] = y
         return ys[0]
 
@@ -376,7 +351,7 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     return None
 
 
-def patch(model: nn.Module, group_siblings: bool = False) -> PatchReport:
+def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]] = False) -> PatchReport:
     """Convert, in place, every PEFT LoRA linear layer of ``model`` to run on lora_fast.
 
     ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers (the
@@ -385,9 +360,10 @@ def patch(model: nn.Module, group_siblings: bool = False) -> PatchReport:
     skipped are listed there with a reason and warned about (once per call).
 
     ``group_siblings=True`` (opt-in, not yet measured faster on a GPU: bench/NOTES.md) also runs
-    the patched layers of one parent that read the same input (q/k/v, gate/up) as one grouped
-    call (:func:`lora_fast.lora_linear_grouped`; see ``_SiblingGroup``).  ``report.groups``
-    lists the candidate groups; the first forward finds which members really share an input.
+    the patched sibling layers of one parent that read the same input as one grouped call
+    (:func:`lora_fast.ops.grouped_call`; see ``_SiblingGroup``): the name sets of
+    ``SIBLING_SETS`` (q/k/v, gate/up, ...), or the sets passed instead of True, each in its call
+    order.  ``report.groups`` lists the groups formed.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -408,7 +384,8 @@ def patch(model: nn.Module, group_siblings: bool = False) -> PatchReport:
         mod.__dict__.pop("_lf_nf4_cache", None)
         report.converted.append(name)
     if group_siblings:
-        report.groups = _install_groups(model)
+        sets = SIBLING_SETS if group_siblings is True else [tuple(g) for g in group_siblings]
+        report.groups = _install_groups(model, sets)
     if report.skipped:
         warnings.warn(str(report), RuntimeWarning, stacklevel=2)
     elif not report.converted:
@@ -417,19 +394,21 @@ def patch(model: nn.Module, group_siblings: bool = False) -> PatchReport:
     return report
 
 
-def _install_groups(model: nn.Module) -> List[List[str]]:
-    """Attach a :class:`_SiblingGroup` to every parent's patched children of equal in_features
-    (at least two), with the parent's forward hooks that drive it.  Returns their names."""
+def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[List[str]]:
+    """Attach a :class:`_SiblingGroup` to every parent's patched children named by one of
+    ``sets`` (at least two present, equal in_features), with the parent's forward hooks that
+    clear its stash.  Returns their names."""
     _remove_groups(model)
     names = []
     for pname, parent in model.named_modules():
-        by_k: Dict[int, List[tuple]] = collections.defaultdict(list)
-        for cname, child in parent.named_children():
-            if isinstance(child, _FastForwardMixin):
-                by_k[int(child.in_features)].append((cname, child))
-        for members in by_k.values():
-            if len(members) < 2:
+        children = dict(parent.named_children())
+        for names_in_set in sets:
+            members = [(c, children[c]) for c in names_in_set
+                       if isinstance(children.get(c), _FastForwardMixin)]
+            if len(members) < 2 or len({int(m.in_features) for _, m in members}) != 1:
                 continue
+            if any("_lf_group" in m.__dict__ for _, m in members):
+                raise ValueError(f"group_siblings: {pname}.{members[0][0]} is named in two sibling sets")
             group = _SiblingGroup([m for _, m in members])
             for _, m in members:
                 m.__dict__["_lf_group"] = group
