@@ -61,21 +61,44 @@ def _lowrank_impl(dropout_p: float) -> str:
 
 def _xa(x: Tensor, A: Tensor, dropout_p: float, seed: int) -> Tensor:
     if _lowrank_impl(dropout_p) == "cublas":
-        return (x @ A.to(x.dtype).t()).float()
+        return (x @ A.to(x.dtype).t()).float()  # fp32: the op's saved XA (its fake says so)
     return xa_forward(x, A, dropout_p=dropout_p, seed=seed)
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) works here (CUDA, torch >= 2.8)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as fp32 with fp32 accumulation for fp16/bf16 operands (the adapter gradients
+    dA/dB keep fp32, as the Triton passes give them).  On CUDA: cuBLAS with an fp32 output
+    (``out_dtype``); where that overload is missing, the product is rounded to the operand dtype
+    first, with a warning once.  Elsewhere (CPU tests): the operands are upcast."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE[0] = False
+                _backend.warn_once("mm-out-dtype", "lora_fast: this torch has no torch.mm(..., out_dtype=float32); "
+                                   "LORA_FAST_LOWRANK=cublas rounds dA/dB to the activation dtype before fp32")
+        _backend.record("triton", "lowrank_cublas_rounded_grads")
+        return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
 
 
 def _dy(dy: Tensor, B: Tensor, xa: Tensor, scaling: float, dropout_p: float) -> Tuple[Tensor, Tensor]:
     if _lowrank_impl(dropout_p) == "cublas":
-        dyb = (dy @ B.to(dy.dtype)).float()
-        db = torch.mm(dy.t(), xa.to(dy.dtype)).mul_(scaling).to(B.dtype)
+        dyb = dy @ B.to(dy.dtype)  # consumed in dy's dtype (dX's adapter term, dA's operand)
+        db = _mm_f32(dy.t(), xa.to(dy.dtype)).mul_(scaling).to(B.dtype)
         return dyb, db
     return dy_pass(dy, B, xa, scaling=scaling)
 
 
 def _da(dyb: Tensor, x: Tensor, scaling: float, dropout_p: float, seed: int, out_dtype: torch.dtype) -> Tensor:
     if _lowrank_impl(dropout_p) == "cublas":
-        return torch.mm(dyb.to(x.dtype).t(), x).mul_(scaling).to(out_dtype)
+        return _mm_f32(dyb.to(x.dtype).t(), x).mul_(scaling).to(out_dtype)
     return da_pass(dyb, x, scaling=scaling, dropout_p=dropout_p, seed=seed, out_dtype=out_dtype)
 
 

@@ -162,3 +162,20 @@ def test_autotuned_step_gpu(regime, monkeypatch):
     same_dtype = _run(layer, x, dy)
     for g, w, t, what in zip(got, want, same_dtype, ("y", "dx", "dA", "dB")):
         assert_parity(g, w, t, dtype=torch.bfloat16 if what in ("y", "dx") else torch.float32, what=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_cublas_lowrank_grads_keep_fp32(dtype):
+    """LORA_FAST_LOWRANK=cublas: dA/dB come out of an fp32-output product (no rounding to the
+    activation dtype first), as the Triton passes give them."""
+    from lora_fast import triton_backend as tb
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 300, generator=g).to(DEV, dtype)
+    b = torch.randn(300, 24, generator=g).to(DEV, dtype)
+    lora_fast.dispatch_stats(reset=True)
+    got = tb._mm_f32(a, b)
+    want = a.double() @ b.double()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert "triton:lowrank_cublas_rounded_grads" not in lora_fast.dispatch_stats()
