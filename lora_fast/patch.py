@@ -192,6 +192,8 @@ class _SiblingGroup:
         self.members = members
         self.stash: Dict[int, Tensor] = {}
         self.stash_x: Optional[Tensor] = None
+        self.stash_grad = False
+        self.active = 0  # inside a forward of the parent (only then is anything stashed or claimed)
 
     def _clear(self) -> None:
         self.stash.clear()
@@ -199,23 +201,30 @@ class _SiblingGroup:
 
     def pre_hook(self, module, args) -> None:
         if not torch.compiler.is_compiling():
+            self.active += 1
             self._clear()
 
     def post_hook(self, module, args, output) -> None:
+        # registered with always_call=True: also runs when the parent's forward raises (e.g. the
+        # early stop of a non-reentrant checkpoint recompute), so nothing stays referenced
         if torch.compiler.is_compiling():
             return
+        self.active = max(0, self.active - 1)
         if self.stash:
             _backend.record("grouped", "unclaimed")
         self._clear()
 
     def forward(self, layer: nn.Module, x: Tensor) -> Optional[Tensor]:
         """The layer's output if the group provides it, else None (the layer runs alone)."""
-        if torch.compiler.is_compiling():
-            return None
+        if torch.compiler.is_compiling() or self.active == 0:
+            return None  # a member called on its own, outside its parent's forward
         key = id(layer)
         if key in self.stash:
-            if x is self.stash_x:
-                return self.stash.pop(key)
+            if x is self.stash_x and torch.is_grad_enabled() == self.stash_grad:
+                y = self.stash.pop(key)
+                if not self.stash:
+                    self.stash_x = None
+                return y
             _backend.record("grouped", "stash_miss")
             self._clear()
             return None
@@ -236,6 +245,7 @@ class _SiblingGroup:
         if out_dtype is not None:
             ys = [y.to(out_dtype) for y in ys]
         self.stash_x = x
+        self.stash_grad = torch.is_grad_enabled()
         for m, y in zip(self.members[1:], ys[1:]):
             self.stash[id(m)] = y
         return ys[0]
@@ -386,6 +396,8 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
     if group_siblings:
         sets = SIBLING_SETS if group_siblings is True else [tuple(g) for g in group_siblings]
         report.groups = _install_groups(model, sets)
+    else:
+        _remove_groups(model)  # patching again without grouping turns it off
     if report.skipped:
         warnings.warn(str(report), RuntimeWarning, stacklevel=2)
     elif not report.converted:
@@ -414,7 +426,7 @@ def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[Lis
                 m.__dict__["_lf_group"] = group
             handles = parent.__dict__.setdefault("_lf_group_handles", [])
             handles.append(parent.register_forward_pre_hook(group.pre_hook))
-            handles.append(parent.register_forward_hook(group.post_hook))
+            handles.append(parent.register_forward_hook(group.post_hook, always_call=True))
             names.append([f"{pname}.{c}" if pname else c for c, _ in members])
     return names
 

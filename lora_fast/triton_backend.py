@@ -79,6 +79,8 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
         if _MM_OUT_DTYPE[0]:
             try:
                 return torch.mm(a, b, out_dtype=torch.float32)
+            except torch.OutOfMemoryError:
+                raise
             except (TypeError, RuntimeError, NotImplementedError):
                 _MM_OUT_DTYPE[0] = False
                 _backend.warn_once("mm-out-dtype", "lora_fast: this torch has no torch.mm(..., out_dtype=float32); "

@@ -564,6 +564,20 @@ def test_group_siblings_called_apart_stay_right(monkeypatch):
     stats = lora_fast.dispatch_stats()
     assert stats.get("grouped:stash_miss") == 1, stats
     assert not mlp.gate_proj.__dict__["_lf_group"].stash
+    # members called directly, outside their parent's forward, run on their own: nothing is
+    # stashed that a later call (other weights, grad mode) could pick up
+    attn = model.base_model.model.model.layers[0].self_attn
+    lora_fast.dispatch_stats(reset=True)
+    with torch.no_grad():
+        attn.q_proj(x)
+    k = attn.k_proj(x)
+    assert k.requires_grad
+    group = attn.q_proj.__dict__["_lf_group"]
+    assert not group.stash and group.stash_x is None
+    assert not any("_grouped" in key for key in lora_fast.dispatch_stats())
+    # patching again without grouping removes the groups
+    assert lora_fast.patch(model).groups == []
+    assert not any("_lf_group" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -590,3 +604,9 @@ def test_group_siblings_under_gradient_checkpointing(reentrant, monkeypatch):
         ref(**b).loss.backward()
         assert_grads_close(lora_grads(gc), lora_grads(ref), rtol=1e-4, atol=1e-6)
     assert any("_grouped3_" in k for k in stats) and not any(k.startswith("grouped:") for k in stats), stats
+    # nothing stays referenced after backward (a non-reentrant recompute stops early, inside the
+    # parent's forward: the parent's post-hook must still run)
+    for m in gc.modules():
+        group = m.__dict__.get("_lf_group")
+        if group is not None:
+            assert group.stash_x is None and not group.stash and group.active == 0
