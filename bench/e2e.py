@@ -16,7 +16,6 @@ the two loss curves should agree to bf16 noise).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import traceback
 import warnings
@@ -25,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .env import Dev
+from .env import Dev, temp_env
 from .profiles import E2EConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,6 +181,14 @@ def _trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _reset_adapters(model: nn.Module, init: Dict[str, torch.Tensor]) -> None:
+    """Copy the initial adapter values back into the model's trainable parameters (same names)."""
+    with torch.no_grad():
+        for n, p in _trainable(model).items():
+            if n in init:
+                p.copy_(init[n])
+
+
 def _train(model: nn.Module, cfg: E2EConfig, dev: Dev, ids: torch.Tensor) -> Dict[str, object]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
@@ -261,9 +268,7 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
     # (b) the same model, same adapter initialisation, through lora_fast
     entry: Dict[str, object] = {"status": "error"}
     try:
-        with torch.no_grad():
-            for n, p in _trainable(model).items():
-                p.copy_(init[n])
+        _reset_adapters(model, init)
         import lora_fast
 
         before = dict(lora_fast.dispatch_stats())
@@ -316,32 +321,20 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
     # PyTorch, so (b) against (c) checks the kernels, and (a) against (b)/(c) shows PEFT's own
     # bf16 rounding (it rounds X·Wᵀ before adding the adapter; bench/NOTES.md, bench.rounding)
     if entry.get("status") == "ok":
-        old_backend = os.environ.get("LORA_FAST_BACKEND")
         try:
-            with torch.no_grad():
-                for n, p in _trainable(patched).items():
-                    if n in init:
-                        p.copy_(init[n])
-            os.environ["LORA_FAST_BACKEND"] = "torch"
-            ref_entry = _train(patched, cfg, dev, ids)
+            _reset_adapters(patched, init)
+            with temp_env({"LORA_FAST_BACKEND": "torch"}):
+                ref_entry = _train(patched, cfg, dev, ids)
             result["lora_fast_torch_backend"] = ref_entry
             log(f"e2e      lora_fast (torch backend): {ref_entry['tokens_per_s']:10.0f} tok/s  "
                 f"loss {ref_entry['losses'][-1]:.4f}")
         except Exception as exc:
             result["lora_fast_torch_backend"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        finally:
-            if old_backend is None:
-                os.environ.pop("LORA_FAST_BACKEND", None)
-            else:
-                os.environ["LORA_FAST_BACKEND"] = old_backend
     # (d) the same patched model with the sibling projections grouped (patch(group_siblings=True):
     # q/k/v and gate/up read X once per step for their adapters), on the default backend
     if entry.get("status") == "ok" and method == "lora_fast.patch":
         try:
-            with torch.no_grad():
-                for n, p in _trainable(patched).items():
-                    if n in init:
-                        p.copy_(init[n])
+            _reset_adapters(patched, init)
             lora_fast.unpatch(patched)
             groups = lora_fast.patch(patched, group_siblings=True).groups
             before = dict(lora_fast.dispatch_stats())

@@ -20,6 +20,7 @@ from typing import Dict, List
 import torch
 
 from .e2e import _trainable, build_model
+from .env import temp_env
 from .profiles import PROFILES
 
 SETTINGS = {
@@ -65,9 +66,7 @@ def main(argv=None) -> int:
     res: Dict[str, object] = {"config": dataclasses.asdict(cfg)}
     # the fp32 reference: same weights and adapters, activations in fp32
     ref_model = build_model(cfg, dev, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in _trainable(ref_model).items():
-            p.copy_(init[n])
+    _reset_adapters(ref_model, init)
     fp32_losses, _ = _train(ref_model, ids, args.steps, cfg.lr)
     del ref_model
     torch.cuda.empty_cache()
@@ -84,19 +83,9 @@ def main(argv=None) -> int:
              f"{'peft_fp32 (reference)':24s} " + " ".join(f"{v:.4f}" for v in fp32_losses),
              f"{'peft_bnb':24s} " + " ".join(f"{v:.4f}" for v in peft_losses) + f"   {dist(peft_losses)[0]:.4f} / -"]
     for name, env in SETTINGS.items():
-        with torch.no_grad():
-            for n, p in _trainable(model).items():
-                p.copy_(init[n])
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        _reset_adapters(model, init)
+        with temp_env(env):
             losses, g0 = _train(model, ids, args.steps, cfg.lr)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         rel = {}
         for n, ref in peft_g.items():
             got = g0.get(n)

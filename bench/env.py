@@ -7,13 +7,14 @@ with :class:`DryRunDev`, which stands in for the CUDA runtime with wall clocks.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
 import platform
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -249,3 +250,18 @@ def auto_profile(dev: Dev) -> str:
         return "smoke"
     cc = torch.cuda.get_device_capability(dev.torch_device)
     return {(9, 0): "h100", (8, 0): "a100", (8, 6): "rtx3060"}.get(tuple(cc), "h100")
+
+
+@contextlib.contextmanager
+def temp_env(values: Dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block, restoring (or removing) them after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

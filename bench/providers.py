@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .env import temp_env
 from .profiles import Shape
 
 Tensor = torch.Tensor
@@ -174,16 +175,8 @@ class Provider:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Set this provider's environment (LORA_FAST_BACKEND) while its layers are built and run."""
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with temp_env(self.env):
             yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------ lora_fast

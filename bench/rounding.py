@@ -31,7 +31,8 @@ from typing import Dict, List
 
 import torch
 
-from .e2e import _trainable, build_model
+from .e2e import _reset_adapters, _trainable, build_model
+from .e2e_numerics import _train
 from .profiles import E2EConfig
 
 MODES = ("double", "single", "merged")
@@ -106,18 +107,6 @@ def emulate(model: torch.nn.Module, mode: str) -> int:
     return n
 
 
-def _train(model, ids, steps: int, lr: float) -> List[float]:
-    opt = torch.optim.AdamW(list(_trainable(model).values()), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    return losses
-
-
 def run(cfg: E2EConfig, steps: int, log=print, device: str = "cpu") -> Dict[str, object]:
     dev = torch.device(device)
     g = torch.Generator().manual_seed(1234)
@@ -126,12 +115,9 @@ def run(cfg: E2EConfig, steps: int, log=print, device: str = "cpu") -> Dict[str,
     init = None
     for name in RUNS:
         model = build_model(cfg, dev, dtype=torch.float32 if name == "peft_fp32" else BF16)
-        params = _trainable(model)
         if init is None:
-            init = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(init[n])
+            init = {n: p.detach().clone() for n, p in _trainable(model).items()}
+        _reset_adapters(model, init)
         if name in MODES and emulate(model, name) == 0:
             raise RuntimeError("no PEFT LoRA layer found to emulate")
         if name == "lora_fast":
@@ -139,7 +125,7 @@ def run(cfg: E2EConfig, steps: int, log=print, device: str = "cpu") -> Dict[str,
 
             if not lora_fast.patch(model).converted:
                 raise RuntimeError("lora_fast.patch converted no layer")
-        curves[name] = _train(model, ids, steps, cfg.lr)
+        curves[name], _ = _train(model, ids, steps, cfg.lr)
         log(f"{name:10s} " + " ".join(f"{v:.4f}" for v in curves[name]))
         del model
     ref = curves["peft_fp32"]
