@@ -158,6 +158,15 @@ KERNELS: List[KernelRow] = [
     KernelRow(
         "kernels.lowrank", "merge_kernel", "MERGE_CONFIGS", prune="prune_merge", options={"enable_fp_fusion": False},
         variants=[
+            # the Triton backend's merged weight: fp32 adapters rounded to bf16 in registers
+            _v("nf4-nested-bf16-f32ab-r16", "bf16", {**_NF4_NESTED, "a_ptr": "fp32", "b_ptr": "fp32"}, NF4=True,
+               NESTED=True, QBLOCK=64, QBLOCK2=256, HAS_MERGE=True, IEEE=False, BLOCK_R=16),
+            _v("nf4-nested-bf16-bf16ab-r16", "bf16", {**_NF4_NESTED, "a_ptr": "bf16", "b_ptr": "bf16"}, NF4=True,
+               NESTED=True, QBLOCK=64, QBLOCK2=256, HAS_MERGE=True, IEEE=False, BLOCK_R=16),
+            _v("dense-bf16-f32ab-r16", "bf16", {"w_ptr": "bf16", "absmax_ptr": "bf16", "absmax2_ptr": "bf16",
+                                               "code2_ptr": "bf16", "code_ptr": "bf16", "a_ptr": "fp32",
+                                               "b_ptr": "fp32"}, NF4=False, NESTED=False, QBLOCK=1, QBLOCK2=1,
+               HAS_MERGE=True, IEEE=False, BLOCK_R=16),
             _v("nf4-nested-bf16-r64", "bf16", {**_NF4_NESTED, "a_ptr": "fp32", "b_ptr": "fp32"}, NF4=True, NESTED=True,
                QBLOCK=64, QBLOCK2=256, HAS_MERGE=True, IEEE=True, BLOCK_R=64),
             _v("nf4-plain-fp16-r16", "fp16", {**_NF4_PLAIN}, NF4=True, NESTED=False, QBLOCK=64, QBLOCK2=256,
@@ -177,6 +186,9 @@ KERNELS: List[KernelRow] = [
     KernelRow(
         "kernels.nf4", "nf4_rows_kernel", "ROWS_CONFIGS", prune="prune_rows", options={"enable_fp_fusion": False},
         variants=[
+            # the Triton backend's merged weight: fp32 adapters rounded to bf16 in registers
+            _v("nested-bf16-merge-f32ab-r16", "bf16", {**_NF4_NESTED, "a_ptr": "fp32", "b_ptr": "fp32"}, QBLOCK=64,
+               QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
             _v("nested-bf16-merge-r16", "bf16", {**_NF4_NESTED, "a_ptr": "bf16", "b_ptr": "bf16"}, QBLOCK=64,
                QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
             _v("plain-fp16-dequant", "fp16", dict(_NF4_PLAIN), QBLOCK=64, QBLOCK2=256, NESTED=False,

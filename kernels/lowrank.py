@@ -253,11 +253,26 @@ def merge_cost(c, block_r, ieee):
     return smem, load, 200
 
 
+def _merge_mma_fits(c, factor_bytes: int, nf4: bool) -> bool:
+    """Tensor-core merges (``IEEE=False``) that compile without spills on sm_80/86/90
+    (``python -m bench.compile_check --kernel merge_kernel``): with fp32 factors (rounded in
+    registers) only tiles of BLOCK_N <= 16 or <= 16 elements per thread; with 16-bit factors on an
+    NF4 weight, BLOCK_N < 128."""
+    bn, bk, t = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 32 * c.num_warps
+    if factor_bytes >= 4:
+        return bn <= 16 or bn * bk <= 16 * t
+    return not (nf4 and bn >= 128)
+
+
 def prune_merge(configs, named_args, **kwargs):
     a = _launch_args(named_args, kwargs)
     br, ieee = a.get("BLOCK_R", MERGE_MAX_BLOCK_R), a.get("IEEE", True)
     if not a.get("HAS_MERGE", True):
         br = 0
+    elif not ieee:
+        fb = _elsize(a.get("a_ptr"), 2)
+        fits = [c for c in configs if _merge_mma_fits(c, fb, bool(a.get("NF4", False)))]
+        configs = fits or list(configs)
     return _prune(configs, lambda c: merge_cost(c, br, ieee))
 
 
@@ -362,19 +377,21 @@ def dy_pass_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
     stride_dybg, stride_dybm, stride_dybr,
     stride_dbs, stride_dbn, stride_dbr,
-    rows_per_split, cols_per_group, n_groups, n_rblocks, M_BUCKET,
+    rows_per_split, cols_per_group, n_groups, n_rblocks, scaling, M_BUCKET,
     IEEE: tl.constexpr, STREAM: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dy_pass_kernel(dy_ptr, b_ptr, xa_ptr, dyb_ptr, db_ptr, M, N, R, stride_dym, stride_dyn,
     stride_bn, stride_br, stride_xam, stride_xar, stride_dybg, stride_dybm, stride_dybr,
     stride_dbs, stride_dbn, stride_dbr, rows_per_split, cols_per_group, n_groups, n_rblocks,
-    M_BUCKET, IEEE, STREAM, BLOCK_R, [autotuned:] BLOCK_M, BLOCK_N)
+    scaling, M_BUCKET, IEEE, STREAM, BLOCK_R, [autotuned:] BLOCK_M, BLOCK_N)
 
     One read of dy (M, N) gives both
-        dyb[g, m, r] = sum_{n in group g} dy[m, n] * B[n, r]        (fp32, (G, M, R))
-        db[s, n, r]  = sum_{m in split s} dy[m, n] * XA[m, r]        (fp32, (S, N, R), unscaled)
-    B: (N, R) any float dtype and XA: (M, R) fp32 are cast to dy's dtype for the MMA.
+        dyb[g, m, r] = sum_{n in group g} dy[m, n] * B[n, r]                  (fp32, (G, M, R))
+        db[s, n, r]  = sum_{m in split s} dy[m, n] * (scaling * XA[m, r])      (fp32, (S, N, R))
+    B: (N, R) any float dtype and scaling*XA (XA: (M, R) fp32, scaled in fp32) are cast to dy's
+    dtype for the MMA.  A stride of 0 (stride_dybg with one group, stride_dbs with one split)
+    lets the launcher pass the final 2-D result as the workspace.
     grid = (S * G * n_rblocks,), id = (s * G + g) * n_rblocks + r_block.  Program (s, g) owns
     rows [s*rows_per_split, ...) x columns [g*cols_per_group, ...): for each BLOCK_M row block it
     loops over its columns, keeping the dYB tile in registers (stored once per row block), and
@@ -404,7 +421,8 @@ def dy_pass_kernel(
         m_mask = offs_m < m_hi
         offs_m64 = offs_m.to(tl.int64)
         xa = tl.load(xa_ptr + offs_m64[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(cdt)
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        xa = (xa.to(tl.float32) * scaling).to(cdt)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         dy_rows = dy_ptr + offs_m64[:, None] * stride_dym
         # B tile of the first column block; later ones are prefetched one iteration ahead
@@ -521,8 +539,9 @@ def merge_kernel(
     or NF4 (NF4=True: w_ptr = packed uint8 in the bitsandbytes layout, QBLOCK = blocksize,
     QBLOCK2 = nested blocksize, NESTED = absmax is uint8 codes into code2 scaled by absmax2,
     plus offset); decoded with ``common.nf4_dequant_flat`` at flat index n*K + k.
-    A: (R, K), B: (N, R) of one dtype (fp16/bf16 -> tensor cores; IEEE -> cast to fp32, exact
-    fp32 products).  R is looped over in BLOCK_R chunks.  HAS_MERGE=False skips the product.
+    A: (R, K), B: (N, R) any float dtypes.  IEEE: cast to fp32, exact fp32 products (FMA);
+    otherwise (out fp16/bf16, factors of out's dtype or fp32) both are cast to out's dtype in
+    registers for the tensor cores.  R is looped over in BLOCK_R chunks.  HAS_MERGE=False skips the product.
     grid = (cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K),), id = n_block * cdiv(K, BLOCK_K) + k_block.
     """
     pid = tl.program_id(0)
@@ -554,7 +573,8 @@ def merge_kernel(
             if IEEE:
                 acc = _mma(b.to(tl.float32), a.to(tl.float32), acc, True)
             else:
-                acc = _mma(b, a, acc, False)
+                # tensor cores in the output's 16-bit dtype (fp32 factors are rounded in registers)
+                acc = _mma(b.to(out_ptr.dtype.element_ty), a.to(out_ptr.dtype.element_ty), acc, False)
         w = w + scaling * acc
     tl.store(out_ptr + offs_n64[:, None] * stride_on + offs_k[None, :] * stride_ok,
              w.to(out_ptr.dtype.element_ty), mask=mask)

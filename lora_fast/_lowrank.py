@@ -253,11 +253,8 @@ def xa_forward(x: Tensor, A: Tensor, *, dropout_p: float = 0.0, seed: int = 0,
     _check_strides(A, "A")
     p, inv_keep = _dropout_args(dropout_p)
     seed = _check_seed(seed)
-    out = torch.empty((M, r), dtype=torch.float32, device=x.device)
-    if M == 0 or r == 0:
-        return out
-    if K == 0:
-        return out.zero_()
+    if M == 0 or r == 0 or K == 0:
+        return torch.zeros((M, r), dtype=torch.float32, device=x.device)
     k = _kernels()
     block_r = _block_r(r, k.MAX_BLOCK_R_IEEE if x.dtype == torch.float32 else k.MAX_BLOCK_R)
     n_rb = _cdiv(r, block_r)
@@ -265,7 +262,9 @@ def xa_forward(x: Tensor, A: Tensor, *, dropout_p: float = 0.0, seed: int = 0,
     splits = _splits if _splits is not None else _xa_splits(M, K, r, n_rb, x.device, x.element_size(), gran)
     k_per = _round_up(_cdiv(K, max(1, int(splits))), gran)
     splits = _cdiv(K, k_per)
-    ws = out.unsqueeze(0) if splits == 1 else torch.empty((splits, M, r), dtype=torch.float32, device=x.device)
+    # one split: the kernel writes the (M, r) result directly (0 stride over the split dim)
+    ws = torch.empty((M, r) if splits == 1 else (splits, M, r), dtype=torch.float32, device=x.device)
+    st = (0,) + ws.stride() if splits == 1 else ws.stride()
 
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]) * n_rb, splits)
@@ -273,13 +272,11 @@ def xa_forward(x: Tensor, A: Tensor, *, dropout_p: float = 0.0, seed: int = 0,
     launch(k.xa_kernel, grid,
         x, A, ws, M, K, r,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        ws.stride(0), ws.stride(1), ws.stride(2),
+        st[0], st[1], st[2],
         k_per, n_rb, seed, p, inv_keep, _bucket(M),
         HAS_DROPOUT=p > 0.0, IEEE=x.dtype == torch.float32, BLOCK_R=block_r,
     )
-    if splits > 1:
-        torch.sum(ws, dim=0, out=out)
-    return out
+    return ws if splits == 1 else ws.sum(dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,9 +303,9 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     for t, name in ((dy, "dy"), (B, "B"), (xa, "xa")):
         _check_strides(t, name)
     s = _check_scaling(scaling)
-    dyb = torch.empty((M, r), dtype=torch.float32, device=dy.device)
     if M == 0 or N == 0 or r == 0:
-        return dyb.zero_(), torch.zeros((N, r), dtype=B.dtype, device=dy.device)
+        return (torch.zeros((M, r), dtype=torch.float32, device=dy.device),
+                torch.zeros((N, r), dtype=B.dtype, device=dy.device))
     k = _kernels()
     block_r = _block_r(r, k.MAX_BLOCK_R_IEEE if dy.dtype == torch.float32 else k.MAX_BLOCK_R)
     n_rb = _cdiv(r, block_r)
@@ -320,21 +317,25 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     else:
         rows, cols = _dy_splits(M, N, r, block_r, n_rb, dy.device, dy.element_size(), m_gran, n_gran)
     splits, groups = _cdiv(M, rows), _cdiv(N, cols)
-    ws_dyb = dyb.unsqueeze(0) if groups == 1 else torch.empty((groups, M, r), dtype=torch.float32, device=dy.device)
-    ws_db = torch.empty((splits, N, r), dtype=torch.float32, device=dy.device)
+    # one group / one split: the kernel writes the final 2-D result (a 0 stride over the
+    # workspace's leading dim); otherwise fp32 partials summed here.  Host ops are counted per
+    # step (tests/test_host_ops.py): no view or scale op is issued that a stride can replace.
+    f32 = torch.float32
+    ws_dyb = torch.empty((M, r) if groups == 1 else (groups, M, r), dtype=f32, device=dy.device)
+    db_dt = B.dtype if splits == 1 and B.dtype == f32 else f32
+    ws_db = torch.empty((N, r) if splits == 1 else (splits, N, r), dtype=db_dt, device=dy.device)
+    sg = (0,) + ws_dyb.stride() if groups == 1 else ws_dyb.stride()
+    ss = (0,) + ws_db.stride() if splits == 1 else ws_db.stride()
     launch(k.dy_pass_kernel, (splits * groups * n_rb,),
         dy, B, xa, ws_dyb, ws_db, M, N, r,
         dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), xa.stride(0), xa.stride(1),
-        ws_dyb.stride(0), ws_dyb.stride(1), ws_dyb.stride(2),
-        ws_db.stride(0), ws_db.stride(1), ws_db.stride(2),
-        rows, cols, groups, n_rb, _bucket(M),
+        sg[0], sg[1], sg[2], ss[0], ss[1], ss[2],
+        rows, cols, groups, n_rb, s, _bucket(M),
         IEEE=dy.dtype == torch.float32, STREAM=n_rb == 1, BLOCK_R=block_r,
     )
-    if groups > 1:
-        torch.sum(ws_dyb, dim=0, out=dyb)
-    db = ws_db[0] if splits == 1 else ws_db.sum(dim=0)
-    db = db.mul_(s) if splits > 1 else db * s
-    return dyb, db.to(B.dtype)
+    dyb = ws_dyb if groups == 1 else ws_dyb.sum(dim=0)
+    db = ws_db if splits == 1 else ws_db.sum(dim=0)
+    return dyb, (db if db.dtype == B.dtype else db.to(B.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,11 +371,11 @@ def da_pass(dyb: Tensor, x: Tensor, *, scaling: float, dropout_p: float = 0.0, s
     splits = _splits if _splits is not None else _da_splits(M, K, r, n_rb, x.device, x.element_size(), gran)
     m_per = _round_up(_cdiv(M, max(1, int(splits))), gran)
     splits = _cdiv(M, m_per)
-    if splits == 1:
-        out = torch.empty((r, K), dtype=out_dtype, device=x.device)
-        ws = out.unsqueeze(0)
-    else:
-        ws = torch.empty((splits, r, K), dtype=torch.float32, device=x.device)
+    # one split: the kernel writes the (r, K) result in out_dtype directly (0 stride over the
+    # split dim); otherwise fp32 partials, summed here
+    ws = torch.empty((r, K) if splits == 1 else (splits, r, K), dtype=out_dtype if splits == 1 else torch.float32,
+                     device=x.device)
+    st = (0,) + ws.stride() if splits == 1 else ws.stride()
 
     def grid(meta):
         return (_cdiv(K, meta["BLOCK_K"]) * n_rb, splits)
@@ -382,19 +383,36 @@ def da_pass(dyb: Tensor, x: Tensor, *, scaling: float, dropout_p: float = 0.0, s
     launch(k.da_kernel, grid,
         dyb, x, ws, M, K, r,
         dyb.stride(0), dyb.stride(1), x.stride(0), x.stride(1),
-        ws.stride(0), ws.stride(1), ws.stride(2),
+        st[0], st[1], st[2],
         m_per, n_rb, s, seed, p, inv_keep, _bucket(M),
         HAS_DROPOUT=p > 0.0, IEEE=x.dtype == torch.float32, BLOCK_R=block_r,
     )
     if splits == 1:
-        return out
-    return ws.sum(dim=0).to(out_dtype)
+        return ws
+    out = ws.sum(dim=0)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # W = deq(W0) [+ s·B@A]
 # ---------------------------------------------------------------------------------------------
-def _merge_operands(A: Tensor, B: Tensor, N: int, K: int, device: torch.device):
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def merge_on_tensor_cores(A: Tensor, B: Tensor, out_dtype: torch.dtype, round_factors: bool) -> bool:
+    """Whether the merge product ``B@A`` runs on the tensor cores in ``out_dtype`` (the kernels'
+    ``IEEE=False``) rather than as exact fp32 products.  Only for a 16-bit output whose factors are
+    already in that dtype, or, with ``round_factors``, fp32 factors rounded to it in registers (the
+    merged weight is rounded to ``out_dtype`` anyway: the Triton backend's choice; fp32 factors
+    would otherwise take the FMA path, ~10x slower on sm_90)."""
+    if out_dtype not in _HALF:
+        return False
+    ok = (out_dtype, torch.float32) if round_factors else (out_dtype,)
+    return A.dtype in ok and B.dtype in ok
+
+
+def _merge_operands(A: Tensor, B: Tensor, N: int, K: int, device: torch.device, out_dtype: torch.dtype,
+                    round_factors: bool):
     _check_tensor(A, "A", _PARAM_DTYPES)
     _check_tensor(B, "B", _PARAM_DTYPES)
     _check_device(device, A=A, B=B)
@@ -405,10 +423,8 @@ def _merge_operands(A: Tensor, B: Tensor, N: int, K: int, device: torch.device):
         raise ValueError(f"B must be (N={N}, r={r}), got {tuple(B.shape)}")
     _check_strides(A, "A")
     _check_strides(B, "B")
-    if A.dtype == B.dtype and A.dtype in (torch.float16, torch.bfloat16):
-        ieee = False
-    else:
-        ieee = True
+    ieee = not merge_on_tensor_cores(A, B, out_dtype, round_factors)
+    if ieee:
         if A.dtype == torch.float64:
             A = A.float()
         if B.dtype == torch.float64:
@@ -502,10 +518,13 @@ def _check_nf4(op, device_check: bool = True):
     return N, K, device, packed.reshape(-1), (absmax, absmax2, code2, code, offset if nested else 0.0, bs, nbs, nested)
 
 
-def dequant_nf4(op, *, out_dtype: torch.dtype, merge=None) -> Tensor:
+def dequant_nf4(op, *, out_dtype: torch.dtype, merge=None, round_factors: bool = False) -> Tensor:
     """W = dequantize_4bit(op) as (N, K) ``out_dtype`` (fp32 code*absmax, one rounding), equal to
     bitsandbytes; with ``merge=(A (r, K), B (N, r), scaling)`` W = deq(W0) + scaling·B@A summed
-    in fp32 and rounded once.  ``op`` is an :class:`NF4Operand` (any object with its fields)."""
+    in fp32 and rounded once.  ``op`` is an :class:`NF4Operand` (any object with its fields).
+    ``round_factors``: fp32 A/B are rounded to a 16-bit ``out_dtype`` (in registers) for the
+    product, which then runs on the tensor cores (:func:`merge_on_tensor_cores`); otherwise
+    factors not already in ``out_dtype`` give exact fp32 products."""
     _check_out_dtype(out_dtype)
     N, K, device, packed, meta = _check_nf4(op)
     out = torch.empty((N, K), dtype=out_dtype, device=device)
@@ -526,19 +545,21 @@ def dequant_nf4(op, *, out_dtype: torch.dtype, merge=None) -> Tensor:
         A, B, scaling = merge
     except (TypeError, ValueError):
         raise ValueError("merge must be a tuple (A, B, scaling)") from None
-    A, B, r, ieee = _merge_operands(A, B, N, K, device)
+    A, B, r, ieee = _merge_operands(A, B, N, K, device, out_dtype, round_factors)
     return _launch_merge(k, packed, meta, N, K, out, A, B, r, _check_scaling(scaling), ieee)
 
 
-def dense_merge(W0: Tensor, A: Tensor, B: Tensor, *, scaling: float, out_dtype: torch.dtype) -> Tensor:
+def dense_merge(W0: Tensor, A: Tensor, B: Tensor, *, scaling: float, out_dtype: torch.dtype,
+                round_factors: bool = False) -> Tensor:
     """W0 + scaling·B@A as (N, K) ``out_dtype`` (fp32 sum, one rounding).  W0 (N, K) any float
-    dtype and strides; A (r, K), B (N, r) any float dtypes."""
+    dtype and strides; A (r, K), B (N, r) any float dtypes (``round_factors``: as in
+    :func:`dequant_nf4`)."""
     _check_tensor(W0, "W0", _PARAM_DTYPES)
     _check_out_dtype(out_dtype)
     _check_device(W0.device)
     _check_strides(W0, "W0")
     N, K = W0.shape
-    A, B, r, ieee = _merge_operands(A, B, N, K, W0.device)
+    A, B, r, ieee = _merge_operands(A, B, N, K, W0.device, out_dtype, round_factors)
     s = _check_scaling(scaling)
     out = torch.empty((N, K), dtype=out_dtype, device=W0.device)
     if N == 0 or K == 0:

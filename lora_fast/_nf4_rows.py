@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._launch import launch
+from ._lowrank import merge_on_tensor_cores
 from ._operand import NF4Operand, kernel_module
 
 Tensor = torch.Tensor
@@ -28,9 +29,10 @@ def supported(op: NF4Operand) -> bool:
 
 
 def dequant_rows(op: NF4Operand, out_dtype: torch.dtype,
-                 merge: Optional[Tuple[Tensor, Tensor, float]] = None) -> Tensor:
+                 merge: Optional[Tuple[Tensor, Tensor, float]] = None, round_factors: bool = False) -> Tensor:
     """(N, K) ``deq(W0)`` [+ ``s·B·A`` for ``merge=(A (r,K), B (N,r), s)``] in ``out_dtype``,
-    rounded once.  Caller checks :func:`supported`."""
+    rounded once.  ``round_factors``: as in ``_lowrank.dequant_nf4``.  Caller checks
+    :func:`supported`."""
     n, k = op.shape
     out = torch.empty((n, k), dtype=out_dtype, device=op.packed.device)
     if merge is not None:
@@ -38,7 +40,7 @@ def dequant_rows(op: NF4Operand, out_dtype: torch.dtype,
         r = A.shape[0]
         if tuple(A.shape) != (r, k) or tuple(B.shape) != (n, r):
             raise ValueError(f"merge factors A {tuple(A.shape)} / B {tuple(B.shape)} do not fit an ({n}, {k}) weight")
-        ieee = not (A.dtype == B.dtype and A.dtype in (torch.float16, torch.bfloat16))
+        ieee = not merge_on_tensor_cores(A, B, out_dtype, round_factors)
         block_r = 16  # wider R chunks spill with fp32 (IEEE) operands (compile_check)
     else:
         A = B = out

@@ -17,10 +17,15 @@ from lora_fast import LoRALinear, NF4LoRALinear
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU decomposition (split counts depend on the GPU)")
 
 # (torch ops, Triton launches) of one forward + backward, as measured when these budgets were set
-# (3 of the ops are autograd's detach of the new .grad of x, A and B)
+# (3 of the ops are autograd's detach of the new .grad of x, A and B).  Session 4 cut them from
+# 27 and 30: the merge kernels round fp32 A/B in registers (no host casts), dB's scale is folded
+# into dy_pass, single-split passes write their final result (no view, select or copy).
 BUDGET = {
-    "nf4-merged": (27, ["xa_kernel", "nf4_rows_kernel", "dy_pass_kernel", "nf4_rows_kernel", "da_kernel"]),
-    "dense-split": (30, ["xa_kernel", "dy_pass_kernel", "da_kernel"]),
+    "nf4-merged": (18, ["xa_kernel", "nf4_rows_kernel", "dy_pass_kernel", "nf4_rows_kernel", "da_kernel"]),
+    "dense-split": (25, ["xa_kernel", "dy_pass_kernel", "da_kernel"]),
+    # the bench's q_proj step (M=8192 as 2 x 4096, bf16, NF4) with an H100's SM count and L2 (the
+    # split choices follow them): 19 ops, of which 5 launch a kernel (2 GEMMs, 3 split sums)
+    "nf4-merged-q8192": (19, ["xa_kernel", "nf4_rows_kernel", "dy_pass_kernel", "nf4_rows_kernel", "da_kernel"]),
 }
 
 
@@ -47,11 +52,17 @@ def test_host_work_per_step(case, monkeypatch):
     monkeypatch.setattr(_nf4_rows, "launch", fake_launch)
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
     monkeypatch.setenv("LORA_FAST_TRITON_PATH", "")
-    kind, regime = case.split("-")
-    lin = torch.nn.Linear(256, 128, bias=False, dtype=torch.float16)
+    kind = case.split("-")[0]
+    if case.endswith("q8192"):  # nothing is computed (launches stubbed): empty tensors will do
+        monkeypatch.setattr(_lowrank, "_device_info", lambda device: (132, 50 << 20))
+        monkeypatch.setattr(_lowrank, "_interp_or", lambda value, config, key: value)
+        dt, (n, k), lead = torch.bfloat16, (4096, 4096), (2, 4096)
+        x, dy = torch.empty(*lead, k, dtype=dt, requires_grad=True), torch.empty(*lead, n, dtype=dt)
+    else:
+        dt, (n, k) = torch.float16, (128, 256)
+        x, dy = torch.randn(64, k, dtype=dt, requires_grad=True), torch.randn(64, n, dtype=dt)
+    lin = torch.nn.Linear(k, n, bias=False, dtype=dt)
     layer = (NF4LoRALinear if kind == "nf4" else LoRALinear).from_linear(lin, r=16, lora_alpha=32)
-    x = torch.randn(64, 256, dtype=torch.float16, requires_grad=True)
-    dy = torch.randn(64, 128, dtype=torch.float16)
     for _ in range(2):  # the second step is the one counted (caches warm, grads set to None)
         for p in (x, layer.lora_A, layer.lora_B):
             p.grad = None

@@ -50,6 +50,26 @@ def test_rows_merge(r, dtype):
     assert_parity(got, want, same, dtype=dtype, what="W_eff")
 
 
+HALF = [torch.float16] + ([torch.bfloat16] if CUDA else [])  # bf16 tl.dot is wrong under the interpreter
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rows_merge_rounds_fp32_factors_in_registers(dtype):
+    # round_factors: fp32 A/B are rounded to the output dtype inside the kernel (tensor cores),
+    # which must equal rounding them on the host first -- the Triton backend relies on it
+    n, k, r = 40, 384, 16
+    op = _operand(n, k, 64, True)
+    A = torch.randn(r, k, device=DEV)
+    B = torch.randn(n, r, device=DEV) * 0.1
+    got = _nf4_rows.dequant_rows(op, dtype, merge=(A, B, 1.5), round_factors=True)
+    want = _nf4_rows.dequant_rows(op, dtype, merge=(A.to(dtype), B.to(dtype), 1.5))
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    # without round_factors, fp32 factors give exact fp32 products (not the rounded ones)
+    exact = _nf4_rows.dequant_rows(op, torch.float32, merge=(A, B, 1.5))
+    w64 = nf4_dequantize(op, torch.float64) + 1.5 * (B.double() @ A.double())
+    assert (exact.double() - w64).abs().max() < 1e-4
+
+
 def test_unsupported_shapes_are_refused():
     assert not _nf4_rows.supported(_operand(8, 96, 64, True))  # 96 % 64 != 0
     assert not _nf4_rows.supported(_operand(8, 1024, 512, True))  # blocksize > 256

@@ -119,6 +119,31 @@ def test_patch_shares_tensors_and_keeps_outputs(nf4):
     assert len(lora_fast.patch(pm).converted) == 14
 
 
+def test_patch_restores_bnb_cpu_packed_weight():
+    # bitsandbytes' Linear4bit.forward on an AVX512-BF16 CPU (eval, no grad) repacks its weight in
+    # place into a private layout (tests/conftest.py switches that off for the other tests).  A
+    # patched layer must read the standard NF4 layout again, not the repacked bytes.
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    pm = peft_model(nf4=True).eval()
+    b = batch()
+    lora_fast.patch(pm)
+    ref = pm(b["input_ids"]).logits
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    w = q.base_layer.weight
+    packed = w.data.clone()
+    w.data, w.quant_state = _convert_weight_packed_for_cpu(w.data, w.quant_state)
+    assert w.quant_state.packing_format_for_cpu and not torch.equal(w.data.reshape(-1), packed.reshape(-1))
+    with pytest.raises(ValueError, match="AVX512 CPU packing format"):
+        lora_fast.nf4.NF4Tensor.from_bnb(w)  # the low-level wrapper refuses it with the fix named
+    out = pm(b["input_ids"]).logits
+    assert not getattr(w.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(w.data.reshape(-1), packed.reshape(-1))  # the standard bytes, restored in place
+    # bitsandbytes' repacking stores absmax in bf16, so the restored scales carry a 2^-9 relative
+    # rounding: the logits move by ~1e-5; reading the repacked bytes as NF4 would move them by O(1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_training_matches_peft_and_preexisting_optimizer_works(nf4):
     ref = peft_model(nf4)

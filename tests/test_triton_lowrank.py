@@ -292,6 +292,39 @@ def test_dense_merge_strided_mixed(out_dtype):
     assert_parity(got, ref, same, out_dtype, what=f"dense merge strided -> {out_dtype}")
 
 
+HALF = [torch.float16] + ([torch.bfloat16] if CUDA else [])  # bf16 tl.dot is wrong under the interpreter
+
+
+@pytest.mark.parametrize("out_dtype", HALF, ids=_ids)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_merge_round_factors_equals_host_rounding(nf4, out_dtype):
+    # round_factors=True: fp32 factors rounded to out_dtype in registers == rounded on the host
+    N, K, r = 72, 200, 16
+    A = torch.randn(r, K, device=DEV) / 4
+    B = torch.randn(N, r, device=DEV) / 4
+    if nf4:
+        _, _, op = _nf4(N, K, 64, True)
+        merge = lambda a, b, **kw: L.dequant_nf4(op, out_dtype=out_dtype, merge=(a, b, 0.5), **kw)  # noqa: E731
+    else:
+        W0 = torch.randn(N, K, device=DEV).to(out_dtype)
+        merge = lambda a, b, **kw: L.dense_merge(W0, a, b, scaling=0.5, out_dtype=out_dtype, **kw)  # noqa: E731
+    got = merge(A, B, round_factors=True)
+    want = merge(A.to(out_dtype), B.to(out_dtype))
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_merge_on_tensor_cores_rule():
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    t = lambda dt: torch.empty(1, 1, dtype=dt)  # noqa: E731
+    assert L.merge_on_tensor_cores(t(f16), t(f16), f16, False)
+    assert not L.merge_on_tensor_cores(t(f32), t(f32), f16, False)  # exact fp32 products by default
+    assert L.merge_on_tensor_cores(t(f32), t(f32), bf16, True)
+    assert L.merge_on_tensor_cores(t(bf16), t(f32), bf16, True)
+    assert not L.merge_on_tensor_cores(t(bf16), t(bf16), f16, True)  # bf16 -> fp16 would lose range
+    assert not L.merge_on_tensor_cores(t(f16), t(f16), f32, True)  # an fp32 output never rounds
+    assert not L.merge_on_tensor_cores(t(torch.float64), t(f32), bf16, True)
+
+
 # ----------------------------------------------------------------------------------------------
 # edge cases and argument checks
 # ----------------------------------------------------------------------------------------------
