@@ -290,7 +290,8 @@ class _GroupedLoRA(torch.autograd.Function):
     def forward(ctx, x, group, paths, *params):
         from . import triton_backend as tb
 
-        a_cat = torch.cat([A.to(x.dtype) for _, _, A, _, _ in group], dim=0)
+        # the XA kernel casts A to x's dtype in registers: the stacked factors need no host cast
+        a_cat = torch.cat([A for _, _, A, _, _ in group], dim=0)
         xa_all = tb._xa(x, a_cat, 0.0, 0)
         ys, off = [], 0
         for (base, bias, A, B, s), path in zip(group, paths):
@@ -300,7 +301,7 @@ class _GroupedLoRA(torch.autograd.Function):
                 ys.append(y.addmm_(x, tb._dequantized(base, x.dtype, cast=True).t()))
             else:
                 w_eff = tb._effective_weight(base, A, B, s, x.dtype)
-                ys.append(torch.addmm(bias.to(x.dtype), x, w_eff.t()) if bias is not None else x @ w_eff.t())
+                ys.append(torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype)))
             off += r
         _backend.record("triton", f"fwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         ctx.save_for_backward(x, xa_all)
@@ -315,6 +316,10 @@ class _GroupedLoRA(torch.autograd.Function):
         group, paths = ctx.group, ctx.paths
         _backend.record("triton", f"bwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         dybs, dBs, dbiases, dys_used = [], [], [], []
+        # one scaling for the whole group (the usual case: same r and alpha) is applied by the dA
+        # and dX passes; different ones are folded into each layer's dY·B first
+        scales = {s for _, _, _, _, s in group}
+        common = scales.pop() if len(scales) == 1 else None
         off = 0
         for (base, bias, A, B, s), dy in zip(group, dys):
             r = A.shape[0]
@@ -323,7 +328,7 @@ class _GroupedLoRA(torch.autograd.Function):
             elif dy.stride(-1) != 1:
                 dy = dy.contiguous()
             dyb, db = tb._dy(dy, B, xa_all[:, off:off + r], s, 0.0)
-            dybs.append(dyb * s)
+            dybs.append(dyb if common is not None else dyb * s)
             dBs.append(db)
             dys_used.append(dy)
             dbiases.append(dy.sum(0) if bias is not None and bias.requires_grad else None)
@@ -333,14 +338,15 @@ class _GroupedLoRA(torch.autograd.Function):
             split = [i for i, p in enumerate(paths) if p == "split"]
             if split:  # the split layers' adapter terms s·(dY·B)·A, as one GEMM over their ranks
                 dx = tb.adapter_out(torch.cat([dybs[i] for i in split], dim=1),
-                                    torch.cat([group[i][2] for i in split], dim=0), 1.0, None, x.dtype)
+                                    torch.cat([group[i][2] for i in split], dim=0),
+                                    1.0 if common is None else common, None, x.dtype)
             for (base, bias, A, B, s), dy, path in zip(group, dys_used, paths):
                 if path == "split":
                     w = tb._dequantized(base, dy.dtype, cast=True)
                 else:
                     w = tb._effective_weight(base, A, B, s, dy.dtype)
                 dx = dy @ w if dx is None else dx.addmm_(dy, w)
-        da_all = tb._da(torch.cat(dybs, dim=1), x, 1.0, 0.0, 0, torch.float32)
+        da_all = tb._da(torch.cat(dybs, dim=1), x, 1.0 if common is None else common, 0.0, 0, torch.float32)
         grads, off = [], 0
         for (base, bias, A, B, s), db, dbias in zip(group, dBs, dbiases):
             grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias]
@@ -412,6 +418,6 @@ def grouped_call(x: Tensor, group: List[Tuple[Base, Optional[Tensor], Tensor, Te
         x2 = x2.contiguous()
     params = []
     for _, bias, A, B, _ in group:
-        params += [A, B, bias if bias is not None else torch.empty(0, device=x.device)]
+        params += [A, B, bias]  # (a None bias is a non-tensor input: its gradient is None)
     ys = _GroupedLoRA.apply(x2, group, paths, *params)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]

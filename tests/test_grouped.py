@@ -10,12 +10,12 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
-def _layers(nf4, dtype, k=96, ns=(64, 16, 16), rs=(8, 8, 4), bias=False):
+def _layers(nf4, dtype, k=96, ns=(64, 16, 16), rs=(8, 8, 4), bias=False, alphas=(2, 2, 2)):
     torch.manual_seed(3)
     out = []
-    for n, r in zip(ns, rs):
+    for n, r, a in zip(ns, rs, alphas):
         lin = torch.nn.Linear(k, n, bias=bias, device=DEV, dtype=dtype)
-        layer = (NF4LoRALinear if nf4 else LoRALinear).from_linear(lin, r=r, lora_alpha=2 * r)
+        layer = (NF4LoRALinear if nf4 else LoRALinear).from_linear(lin, r=r, lora_alpha=a * r)
         with torch.no_grad():
             layer.lora_B.normal_(std=0.3)
         out.append(layer)
@@ -53,6 +53,27 @@ def test_grouped_equals_per_layer(backend, nf4, bias, monkeypatch):
         assert stats.get("grouped:per_layer(backend is not triton)") == 1
     want = _grads(layers, x, dys, grouped=False)
     for i, (g, w) in enumerate(zip(got, want)):
+        assert_parity(g, w.double(), dtype=dtype, what=f"output/grad #{i}")
+
+
+@pytest.mark.parametrize("path", ["split", "merged"])
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("alphas", [(2, 2, 2), (2, 3, 0.5)], ids=["one-scaling", "mixed-scalings"])
+def test_grouped_half_precision_and_scalings(path, nf4, alphas, monkeypatch):
+    # 16-bit activations with fp32 adapters (the QLoRA setting: merged factors rounded in the
+    # kernel's registers), and groups whose layers share one scaling or do not
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LORA_FAST_TRITON_PATH", path)
+    dtype = torch.bfloat16 if CUDA else torch.float16  # bf16 tl.dot is wrong under the interpreter
+    layers = _layers(nf4, dtype, alphas=alphas)
+    for layer in layers:
+        layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), layer.lora_B.data.float()
+    x = torch.randn(2, 9, 96, device=DEV, dtype=dtype, requires_grad=True)
+    dys = [torch.randn(2, 9, layer.out_features, device=DEV, dtype=dtype) for layer in layers]
+    got = _grads(layers, x, dys, grouped=True)
+    want = _grads(layers, x, dys, grouped=False)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype, f"output/grad #{i}: {g.dtype} != {w.dtype}"
         assert_parity(g, w.double(), dtype=dtype, what=f"output/grad #{i}")
 
 
