@@ -58,7 +58,8 @@ def status() -> Tuple[bool, str]:
 class _Info:
     """What :func:`launch` needs to know about one (possibly autotuned / heuristics-wrapped) kernel."""
 
-    __slots__ = ("autotuner", "heuristics", "arg_names", "name_set", "constexpr", "dns", "tune_keys", "table")
+    __slots__ = ("autotuner", "heuristics", "arg_names", "name_set", "constexpr", "dns", "tune_keys", "table",
+                 "name_kinds")
 
     def __init__(self, kernel) -> None:
         import triton
@@ -75,6 +76,8 @@ class _Info:
         self.dns = frozenset(p.name for p in jit.params if p.do_not_specialize)
         self.tune_keys = tuple(self.autotuner.keys) if self.autotuner is not None else ()
         self.table: Dict[tuple, Any] = {}
+        # (name, kind) per argument for _key: 0 constexpr, 1 do_not_specialize, 2 specialised
+        self.name_kinds = tuple((n, 0 if n in self.constexpr else (1 if n in self.dns else 2)) for n in self.arg_names)
 
 
 _INFO: Dict[int, _Info] = {}
@@ -97,6 +100,43 @@ def _arg_key(name: str, v, info: _Info):
     if v is None:
         return None
     return (type(v).__name__, v)  # anything else: keyed by value
+
+
+_I64 = (-(2**63), 2**63 - 1)
+_Tensor = torch.Tensor
+
+
+def _key(info: _Info, bound: Dict[str, Any]) -> tuple:
+    """``tuple(_arg_key(n, bound[n], info) for n in info.arg_names if n in bound)``, the same
+    tuple, with the common argument types (exact int, float, bool, None, tensors) classified inline:
+    this runs on every launch, and per-argument calls made it ~10 µs of a ~16 µs launch on the CPU
+    (tests/test_launch.py checks the two agree on every kind of argument)."""
+    out = []
+    app = out.append
+    lo, hi = _I32
+    lo64, hi64 = _I64
+    for n, kind in info.name_kinds:
+        if n not in bound:
+            continue
+        v = bound[n]
+        t = type(v)
+        if t is int:
+            if kind == 0:
+                app(v)
+                continue
+            wide = 0 if lo <= v <= hi else (1 if lo64 <= v <= hi64 else 2)
+            app(("i", wide) if kind == 1 else ("i", wide, v == 1, v % 16 == 0))
+        elif isinstance(v, _Tensor):
+            app((v.dtype, v.data_ptr() % 16 == 0))
+        elif kind == 0 or t is bool:
+            app(v)
+        elif t is float:
+            app("f")
+        elif v is None:
+            app(None)
+        else:
+            app(_arg_key(n, v, info))
+    return tuple(out)
 
 
 def _meta(info: _Info, bound: Dict[str, Any], cfg: Dict[str, Any]):
@@ -126,7 +166,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             bound[k] = v
         else:
             options.append((k, v))
-    key = tuple(_arg_key(n, bound[n], info) for n in names if n in bound)
+    key = _key(info, bound)
     key += tuple(bound[n] for n in info.tune_keys if n in bound)
     key += tuple(options)
     entry = info.table.get(key)

@@ -75,3 +75,32 @@ def test_launch_key_is_at_least_as_fine_as_tritons_specialisation():
     assert k("x", buf) != k("x", buf[1:])         # 16-byte alignment
     assert k("x", buf) != k("x", buf.float())     # dtype
     assert k("flag", True) != k("flag", False)
+
+
+def test_inline_key_equals_the_per_argument_key():
+    """_launch._key classifies common argument types inline (it runs on every launch); it must
+    give exactly the tuple the reference per-argument _arg_key gives, for every kind of value."""
+    import enum
+
+    import numpy as np
+
+    class Small(enum.IntEnum):
+        A = 1
+        B = 32
+
+    class Info:
+        constexpr = frozenset({"BLOCK", "FLAG", "DT"})
+        dns = frozenset({"seed", "M_BUCKET"})
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    values = [0, 1, 2, 8, 15, 16, 17, 24, 48, -16, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, 2**64,
+              True, False, 0.0, 0.5, np.float64(0.5), np.int64(32), Small.A, Small.B, None, "s", (1, 2),
+              buf, buf[1:], buf.float(), torch.nn.Parameter(buf.clone()), torch.float16]
+    names = ["n", "seed", "BLOCK", "FLAG", "M_BUCKET", "DT", "x"]
+    Info.name_kinds = tuple((n, 0 if n in Info.constexpr else (1 if n in Info.dns else 2)) for n in names)
+    for v in values:
+        for n in names:
+            bound = {n: v, "x": buf}
+            want = tuple(_launch._arg_key(m, bound[m], Info) for m in names if m in bound)
+            got = _launch._key(Info, bound)
+            assert got == want and [type(a) for a in got] == [type(b) for b in want], (n, v, got, want)
