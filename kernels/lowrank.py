@@ -270,7 +270,7 @@ def prune_merge(configs, named_args, **kwargs):
     if not a.get("HAS_MERGE", True):
         br = 0
     elif not ieee:
-        fb = _elsize(a.get("a_ptr"), 2)
+        fb = max(_elsize(a.get("a_ptr"), 2), _elsize(a.get("b_ptr"), 2))
         fits = [c for c in configs if _merge_mma_fits(c, fb, bool(a.get("NF4", False)))]
         configs = fits or list(configs)
     return _prune(configs, lambda c: merge_cost(c, br, ieee))
@@ -390,8 +390,10 @@ def dy_pass_kernel(
         dyb[g, m, r] = sum_{n in group g} dy[m, n] * B[n, r]                  (fp32, (G, M, R))
         db[s, n, r]  = sum_{m in split s} dy[m, n] * (scaling * XA[m, r])      (fp32, (S, N, R))
     B: (N, R) any float dtype and scaling*XA (XA: (M, R) fp32, scaled in fp32) are cast to dy's
-    dtype for the MMA.  A stride of 0 (stride_dybg with one group, stride_dbs with one split)
-    lets the launcher pass the final 2-D result as the workspace.
+    dtype for the MMA (the launcher passes scaling = 1 for fp16 dy, whose range s*XA could
+    exceed, and scales the fp32 result instead; scaling in the epilogue spills).  A stride of 0
+    (stride_dybg with one group, stride_dbs with one split) lets the launcher pass the final
+    2-D result as the workspace.
     grid = (S * G * n_rblocks,), id = (s * G + g) * n_rblocks + r_block.  Program (s, g) owns
     rows [s*rows_per_split, ...) x columns [g*cols_per_group, ...): for each BLOCK_M row block it
     loops over its columns, keeping the dYB tile in registers (stored once per row block), and
@@ -518,7 +520,7 @@ def da_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-@_tune(MERGE_CONFIGS, MERGE_INTERP_CONFIG, key=["N", "K", "BLOCK_R", "NF4", "HAS_MERGE"], prune=prune_merge)
+@_tune(MERGE_CONFIGS, MERGE_INTERP_CONFIG, key=["N", "K", "BLOCK_R", "NF4", "HAS_MERGE", "IEEE"], prune=prune_merge)
 @triton.jit
 def merge_kernel(
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, offset,

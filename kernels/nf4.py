@@ -48,7 +48,7 @@ def prune_rows(configs, named_args, **kwargs):
     if a.get("IEEE", False) and a.get("HAS_MERGE", False):
         small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
         configs = small or list(configs)
-    elif a.get("HAS_MERGE", False) and _elsize(a.get("a_ptr")) >= 4:
+    elif a.get("HAS_MERGE", False) and max(_elsize(a.get("a_ptr")), _elsize(a.get("b_ptr"))) >= 4:
         # fp32 factors rounded in registers for the tensor cores: BLOCK_N=32 with 8 warps spills
         # 8 B on sm_90 (compile_check); the other configs compile clean on sm_80/86/90
         fits = [c for c in configs if not (c.kwargs["BLOCK_N"] == 32 and c.num_warps == 8)]

@@ -321,6 +321,9 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     # workspace's leading dim); otherwise fp32 partials summed here.  Host ops are counted per
     # step (tests/test_host_ops.py): no view or scale op is issued that a stride can replace.
     f32 = torch.float32
+    # the kernel scales XA in fp32 before its cast to dy's dtype (no host op); for fp16 dy, whose
+    # range s·XA could exceed (e.g. 64 x 2000), the fp32 dB is scaled here instead
+    scale_after = dy.dtype == torch.float16 and s != 1.0
     ws_dyb = torch.empty((M, r) if groups == 1 else (groups, M, r), dtype=f32, device=dy.device)
     db_dt = B.dtype if splits == 1 and B.dtype == f32 else f32
     ws_db = torch.empty((N, r) if splits == 1 else (splits, N, r), dtype=db_dt, device=dy.device)
@@ -330,11 +333,13 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
         dy, B, xa, ws_dyb, ws_db, M, N, r,
         dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), xa.stride(0), xa.stride(1),
         sg[0], sg[1], sg[2], ss[0], ss[1], ss[2],
-        rows, cols, groups, n_rb, s, _bucket(M),
+        rows, cols, groups, n_rb, 1.0 if scale_after else s, _bucket(M),
         IEEE=dy.dtype == torch.float32, STREAM=n_rb == 1, BLOCK_R=block_r,
     )
     dyb = ws_dyb if groups == 1 else ws_dyb.sum(dim=0)
     db = ws_db if splits == 1 else ws_db.sum(dim=0)
+    if scale_after:
+        db = db.mul_(s)
     return dyb, (db if db.dtype == B.dtype else db.to(B.dtype))
 
 

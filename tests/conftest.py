@@ -53,10 +53,13 @@ def _bnb_cpu_dequant_fix():
             A = A.view(torch.uint8)
         return compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
 
-    w = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
-    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    want = generic(packed, qs.absmax, 64, "nf4", qs.shape, torch.float32)
-    if torch.equal(bnbF.dequantize_4bit(packed, qs), want):
+    try:
+        w = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+        packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        want = generic(packed, qs.absmax, 64, "nf4", qs.shape, torch.float32)
+        if torch.equal(bnbF.dequantize_4bit(packed, qs), want):
+            return
+    except Exception:  # a bitsandbytes whose CPU path cannot even run the probe: leave it alone
         return
 
     import warnings
@@ -66,9 +69,9 @@ def _bnb_cpu_dequant_fix():
         torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic)
 
 
+# both are about bitsandbytes' CPU path, which the tests use on GPU machines too
 _no_bnb_cpu_repack()
-if not torch.cuda.is_available():
-    _bnb_cpu_dequant_fix()
+_bnb_cpu_dequant_fix()
 
 
 @pytest.fixture(autouse=True)

@@ -89,14 +89,13 @@ def _worker(rank, port, out_dir):
             ddp(input_ids=ids, labels=ids).loss.backward()
             if rank == 0:
                 torch.save(_grads(model), os.path.join(out_dir, f"{key}.pt"))
+        # drain collectives still in flight before tearing the group down: destroying it under
+        # pending gloo work aborts the process ("terminate called without an active exception",
+        # seen with FSDP2, tests/test_fsdp2.py).  Only on success: a rank that raised must not
+        # wait here for a peer in another collective.
+        dist.barrier()
     finally:
-        # drain collectives still in flight (FSDP2 prefetches the next all-gather; the sharded-bnb
-        # forward above stops mid-model) before tearing the group down: destroying it under
-        # pending gloo work aborts the process ("terminate called without an active exception")
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _run_workers(out_dir, timeout_s=300.0):

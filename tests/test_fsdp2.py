@@ -119,14 +119,13 @@ def _worker(rank, port, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "sharded_bnb.txt"), "w") as fh:
                 fh.write(msg)
-    finally:
         # drain collectives still in flight (FSDP2 prefetches the next all-gather; the sharded-bnb
         # forward above stops mid-model) before tearing the group down: destroying it under
-        # pending gloo work aborts the process ("terminate called without an active exception")
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        # pending gloo work aborts the process ("terminate called without an active exception").
+        # Only on success: a rank that raised must not wait here for a peer in another collective.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _run_workers(out_dir, timeout_s=300.0):

@@ -295,6 +295,20 @@ def test_dense_merge_strided_mixed(out_dtype):
 HALF = [torch.float16] + ([torch.bfloat16] if CUDA else [])  # bf16 tl.dot is wrong under the interpreter
 
 
+@pytest.mark.parametrize("splits", [(1, 1), (3, 2)], ids=["one-split", "split"])
+def test_dy_pass_scale_is_applied_in_fp32(splits):
+    # dB = s·dyᵀ·XA with s applied to the fp32 sum: s·XA may exceed fp16's range (here 64 x 2000)
+    # while dB itself fits; scaling XA before its fp16 cast would overflow to inf
+    M, N, r, s = 48, 40, 8, 64.0
+    dy = (torch.randn(M, N, device=DEV) * 1e-3).to(torch.float16)
+    B = torch.randn(N, r, device=DEV)
+    xa = torch.randn(M, r, device=DEV) * 2000
+    _, db = L.dy_pass(dy, B, xa, scaling=s, _splits=splits)
+    ref = s * (dy.double().t() @ xa.to(torch.float16).double())
+    assert torch.isfinite(db).all()
+    torch.testing.assert_close(db.double(), ref, rtol=2e-3, atol=1e-2)
+
+
 @pytest.mark.parametrize("out_dtype", HALF, ids=_ids)
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_merge_round_factors_equals_host_rounding(nf4, out_dtype):
