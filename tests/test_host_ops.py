@@ -26,7 +26,21 @@ BUDGET = {
     # the bench's q_proj step (M=8192 as 2 x 4096, bf16, NF4) with an H100's SM count and L2 (the
     # split choices follow them): 19 ops, of which 5 launch a kernel (2 GEMMs, 3 split sums)
     "nf4-merged-q8192": (19, ["xa_kernel", "nf4_rows_kernel", "dy_pass_kernel", "nf4_rows_kernel", "da_kernel"]),
+    # with LoRA dropout (the dequant regime: the adapter sees drop(X), so the Triton GEMM adds it in
+    # its epilogue); 2 of the ops draw the dropout seed from torch's CPU generator (no GPU sync)
+    "nf4-dropout-q8192": (21, ["xa_kernel", "nf4_rows_kernel", "lora_gemm", "dy_pass_kernel", "nf4_rows_kernel",
+                               "lora_gemm", "da_kernel"]),
 }
+
+
+class _FakeGemm:
+    """Stands in for the interpreter's lora_gemm kernel object (``kernel[grid](...)``)."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append("lora_gemm")
 
 
 class _Count(TorchDispatchMode):
@@ -42,6 +56,7 @@ class _Count(TorchDispatchMode):
 @pytest.mark.parametrize("case", sorted(BUDGET))
 def test_host_work_per_step(case, monkeypatch):
     from lora_fast import _lowrank, _nf4_rows
+    from lora_fast._operand import kernel_module
 
     launches = []
 
@@ -50,6 +65,7 @@ def test_host_work_per_step(case, monkeypatch):
 
     monkeypatch.setattr(_lowrank, "launch", fake_launch)
     monkeypatch.setattr(_nf4_rows, "launch", fake_launch)
+    monkeypatch.setattr(kernel_module("lora_gemm"), "lora_gemm_kernel_heur", _FakeGemm(launches))
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
     monkeypatch.setenv("LORA_FAST_TRITON_PATH", "")
     kind = case.split("-")[0]
@@ -62,7 +78,9 @@ def test_host_work_per_step(case, monkeypatch):
         dt, (n, k) = torch.bfloat16, (128, 256)  # (fp16 adds one op: dB's scale, see _lowrank.dy_pass)
         x, dy = torch.randn(64, k, dtype=dt, requires_grad=True), torch.randn(64, n, dtype=dt)
     lin = torch.nn.Linear(k, n, bias=False, dtype=dt)
-    layer = (NF4LoRALinear if kind == "nf4" else LoRALinear).from_linear(lin, r=16, lora_alpha=32)
+    dropout = 0.1 if "dropout" in case else 0.0
+    layer = (NF4LoRALinear if kind == "nf4" else LoRALinear).from_linear(lin, r=16, lora_alpha=32, lora_dropout=dropout)
+    layer.train()
     for _ in range(2):  # the second step is the one counted (caches warm, grads set to None)
         for p in (x, layer.lora_A, layer.lora_B):
             p.grad = None
