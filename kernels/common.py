@@ -32,6 +32,15 @@ def configs_in(configs, members, keep=True):
     return [c for c in configs if any(c is m for m in members) == keep]
 
 
+def elsize(t, default=2):
+    """Element size in bytes of a launch argument seen by a prune function (``default`` when it
+    is not a tensor, e.g. the compile check's stand-ins without one)."""
+    try:
+        return t.element_size()
+    except AttributeError:
+        return default
+
+
 def tune_pick(configs):
     """What an ``early_config_prune`` returns: all ``configs``, or only the first when
     autotuning is off (see :func:`autotune_enabled`)."""

@@ -31,7 +31,7 @@ import os
 import triton
 import triton.language as tl
 
-from .common import configs_in, dropout_keep_scale, nf4_dequant_flat, tune_pick
+from .common import configs_in, dropout_keep_scale, elsize as _elsize, nf4_dequant_flat, tune_pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -49,13 +49,6 @@ MAX_BLOCK_R_IEEE = 32  # fp32 operands run on FMA: larger rank tiles spill
 
 def _cfg(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
-
-
-def _elsize(t, default=2):
-    try:
-        return t.element_size()
-    except AttributeError:
-        return default
 
 
 def _prune(configs, cost, limit_smem=SMEM_LIMIT):

@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from .common import tune_pick
+from .common import elsize as _elsize, tune_pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -54,13 +54,6 @@ def prune_rows(configs, named_args, **kwargs):
         fits = [c for c in configs if not (c.kwargs["BLOCK_N"] == 32 and c.num_warps == 8)]
         configs = fits or list(configs)
     return tune_pick(configs)
-
-
-def _elsize(t, default=2):
-    try:
-        return t.element_size()
-    except AttributeError:
-        return default
 
 
 ROWS_INTERP_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=1)

@@ -222,6 +222,18 @@ def _da_splits(M: int, K: int, r: int, n_rb: int, device: torch.device, es: int,
     return _da_splits_cached(M, K, r, n_rb, sm, es, gran)
 
 
+def _workspace(n: int, shape: Tuple[int, int], dtype: torch.dtype, device) -> Tuple[Tensor, Tuple[int, int, int]]:
+    """The (n, *shape) workspace of a pass whose n programs along a split dimension write
+    partial results, and its three strides.  For n == 1 it is the final (*shape) result itself,
+    addressed with a 0 stride over the split dimension: no view op per step (the host ops of a
+    step are counted, tests/test_host_ops.py)."""
+    if n == 1:
+        ws = torch.empty(shape, dtype=dtype, device=device)
+        return ws, (0,) + ws.stride()
+    ws = torch.empty((n,) + tuple(shape), dtype=dtype, device=device)
+    return ws, ws.stride()
+
+
 def _bucket(M: int) -> int:
     return _next_pow2(max(1, M))
 
@@ -262,9 +274,7 @@ def xa_forward(x: Tensor, A: Tensor, *, dropout_p: float = 0.0, seed: int = 0,
     splits = _splits if _splits is not None else _xa_splits(M, K, r, n_rb, x.device, x.element_size(), gran)
     k_per = _round_up(_cdiv(K, max(1, int(splits))), gran)
     splits = _cdiv(K, k_per)
-    # one split: the kernel writes the (M, r) result directly (0 stride over the split dim)
-    ws = torch.empty((M, r) if splits == 1 else (splits, M, r), dtype=torch.float32, device=x.device)
-    st = (0,) + ws.stride() if splits == 1 else ws.stride()
+    ws, st = _workspace(splits, (M, r), torch.float32, x.device)
 
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]) * n_rb, splits)
@@ -317,18 +327,12 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     else:
         rows, cols = _dy_splits(M, N, r, block_r, n_rb, dy.device, dy.element_size(), m_gran, n_gran)
     splits, groups = _cdiv(M, rows), _cdiv(N, cols)
-    # one group / one split: the kernel writes the final 2-D result (a 0 stride over the
-    # workspace's leading dim); otherwise fp32 partials summed here.  Host ops are counted per
-    # step (tests/test_host_ops.py): no view or scale op is issued that a stride can replace.
-    f32 = torch.float32
     # the kernel scales XA in fp32 before its cast to dy's dtype (no host op); for fp16 dy, whose
     # range s·XA could exceed (e.g. 64 x 2000), the fp32 dB is scaled here instead
     scale_after = dy.dtype == torch.float16 and s != 1.0
-    ws_dyb = torch.empty((M, r) if groups == 1 else (groups, M, r), dtype=f32, device=dy.device)
-    db_dt = B.dtype if splits == 1 and B.dtype == f32 else f32
-    ws_db = torch.empty((N, r) if splits == 1 else (splits, N, r), dtype=db_dt, device=dy.device)
-    sg = (0,) + ws_dyb.stride() if groups == 1 else ws_dyb.stride()
-    ss = (0,) + ws_db.stride() if splits == 1 else ws_db.stride()
+    # fp32 partials (the dB slices are read back and accumulated in place, so always fp32)
+    ws_dyb, sg = _workspace(groups, (M, r), torch.float32, dy.device)
+    ws_db, ss = _workspace(splits, (N, r), torch.float32, dy.device)
     launch(k.dy_pass_kernel, (splits * groups * n_rb,),
         dy, B, xa, ws_dyb, ws_db, M, N, r,
         dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), xa.stride(0), xa.stride(1),
@@ -340,7 +344,7 @@ def dy_pass(dy: Tensor, B: Tensor, xa: Tensor, *, scaling: float,
     db = ws_db if splits == 1 else ws_db.sum(dim=0)
     if scale_after:
         db = db.mul_(s)
-    return dyb, (db if db.dtype == B.dtype else db.to(B.dtype))
+    return dyb, db.to(B.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +380,8 @@ def da_pass(dyb: Tensor, x: Tensor, *, scaling: float, dropout_p: float = 0.0, s
     splits = _splits if _splits is not None else _da_splits(M, K, r, n_rb, x.device, x.element_size(), gran)
     m_per = _round_up(_cdiv(M, max(1, int(splits))), gran)
     splits = _cdiv(M, m_per)
-    # one split: the kernel writes the (r, K) result in out_dtype directly (0 stride over the
-    # split dim); otherwise fp32 partials, summed here
-    ws = torch.empty((r, K) if splits == 1 else (splits, r, K), dtype=out_dtype if splits == 1 else torch.float32,
-                     device=x.device)
-    st = (0,) + ws.stride() if splits == 1 else ws.stride()
+    # one split: the kernel writes the (r, K) result in out_dtype; otherwise fp32 partials
+    ws, st = _workspace(splits, (r, K), out_dtype if splits == 1 else torch.float32, x.device)
 
     def grid(meta):
         return (_cdiv(K, meta["BLOCK_K"]) * n_rb, splits)
@@ -394,8 +395,7 @@ def da_pass(dyb: Tensor, x: Tensor, *, scaling: float, dropout_p: float = 0.0, s
     )
     if splits == 1:
         return ws
-    out = ws.sum(dim=0)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+    return ws.sum(dim=0).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

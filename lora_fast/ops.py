@@ -320,6 +320,7 @@ class _GroupedLoRA(torch.autograd.Function):
         # and dX passes; different ones are folded into each layer's dY·B first
         scales = {s for _, _, _, _, s in group}
         common = scales.pop() if len(scales) == 1 else None
+        pass_scale = 1.0 if common is None else common  # what the dA and dX passes multiply by
         off = 0
         for (base, bias, A, B, s), dy in zip(group, dys):
             r = A.shape[0]
@@ -339,14 +340,14 @@ class _GroupedLoRA(torch.autograd.Function):
             if split:  # the split layers' adapter terms s·(dY·B)·A, as one GEMM over their ranks
                 dx = tb.adapter_out(torch.cat([dybs[i] for i in split], dim=1),
                                     torch.cat([group[i][2] for i in split], dim=0),
-                                    1.0 if common is None else common, None, x.dtype)
+                                    pass_scale, None, x.dtype)
             for (base, bias, A, B, s), dy, path in zip(group, dys_used, paths):
                 if path == "split":
                     w = tb._dequantized(base, dy.dtype, cast=True)
                 else:
                     w = tb._effective_weight(base, A, B, s, dy.dtype)
                 dx = dy @ w if dx is None else dx.addmm_(dy, w)
-        da_all = tb._da(torch.cat(dybs, dim=1), x, 1.0 if common is None else common, 0.0, 0, torch.float32)
+        da_all = tb._da(torch.cat(dybs, dim=1), x, pass_scale, 0.0, 0, torch.float32)
         grads, off = [], 0
         for (base, bias, A, B, s), db, dbias in zip(group, dBs, dbiases):
             grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias]

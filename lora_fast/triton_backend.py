@@ -170,9 +170,7 @@ def forward(
         return y.addmm_(x, _dequantized(base, x.dtype, cast=True).t()), xa
     if path == "merged":
         w_eff = _effective_weight(base, A, B, scaling, x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return torch.nn.functional.linear(x, w_eff, bias), xa
+        return torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype)), xa
     w = _dequantized(base, x.dtype) if path == "dequant" else base
     y = lora_gemm(x, w, w_transposed=False, p=xa, q=B.t(), scaling=scaling, bias=bias)
     return y, xa
