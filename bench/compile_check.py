@@ -53,7 +53,7 @@ ARCH_SMEM = {80: 166912, 86: 101376, 90: 232448}
 ARCHS = tuple(ARCH_SMEM)
 
 # Scalar (non-pointer, non-constexpr) arguments that are floats; every other scalar is i32.
-FLOAT_ARGS = {"scaling", "p", "inv_keep", "dropout_p", "offset", "nf4_offset"}
+FLOAT_ARGS = {"scaling", "p", "inv_keep", "dropout_p", "offset", "nf4_offset", "eps"}
 
 # Launch scenarios offered to the prune functions (they see M_BUCKET etc. as the autotuner does).
 M_BUCKETS = (1, 16, 64, 128, 256, 1024, 1 << 16)
@@ -196,6 +196,33 @@ KERNELS: List[KernelRow] = [
             _v("nested-fp32-merge-r16", "fp32", dict(_NF4_NESTED), QBLOCK=128, QBLOCK2=256, NESTED=True,
                HAS_MERGE=True, BLOCK_R=16, IEEE=True),
         ],
+    ),
+    # fused RMSNorm / gated SiLU (lora_fast/norm_mlp.py): every (BLOCK_N, num_warps) the launcher picks
+    KernelRow(
+        "kernels.rmsnorm", "rmsnorm_fwd_kernel", "NORM_FWD_CONFIGS",
+        variants=[
+            _v("bf16", "bf16", {"rstd_ptr": "fp32"}, EMULATE_RNE=False),
+            _v("bf16-w-fp32", "bf16", {"w_ptr": "fp32", "y_ptr": "fp32", "rstd_ptr": "fp32"}, EMULATE_RNE=False),
+            _v("fp32", "fp32", {}, EMULATE_RNE=False),
+        ],
+    ),
+    KernelRow(
+        "kernels.rmsnorm", "rmsnorm_bwd_kernel", "NORM_BWD_CONFIGS", prune="prune_norm_bwd",
+        variants=[
+            _v("bf16", "bf16", {"rstd_ptr": "fp32", "dw_ptr": "bf16"}, HAS_DW=False, EMULATE_RNE=False),
+            _v("bf16-dw", "bf16", {"rstd_ptr": "fp32", "dw_ptr": "fp32"}, HAS_DW=True, EMULATE_RNE=False),
+            _v("bf16-w-fp32-dw", "bf16", {"dy_ptr": "fp32", "w_ptr": "fp32", "rstd_ptr": "fp32", "dw_ptr": "fp32"},
+               HAS_DW=True, EMULATE_RNE=False),
+            _v("fp32-dw", "fp32", {}, HAS_DW=True, EMULATE_RNE=False),
+        ],
+    ),
+    KernelRow(
+        "kernels.swiglu", "silu_mul_fwd_kernel", "SWIGLU_CONFIGS",
+        variants=[_v(act, act, EMULATE_RNE=False) for act in ("bf16", "fp16", "fp32")],
+    ),
+    KernelRow(
+        "kernels.swiglu", "silu_mul_bwd_kernel", "SWIGLU_CONFIGS",
+        variants=[_v(act, act, EMULATE_RNE=False) for act in ("bf16", "fp16", "fp32")],
     ),
     KernelRow(
         "kernels.lowrank", "dropout_mask_kernel", None, default_config={"BLOCK": "MASK_BLOCK"},

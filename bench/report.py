@@ -322,7 +322,18 @@ def render(res: Dict, profile) -> str:
                          f"{gr['ms_per_step']:.1f} ms/step, last loss {gr['losses'][-1]:.4f}")
         elif gr:
             lines.append(f"lora_fast with patch(group_siblings=True): {str(gr.get('error'))[:120]}")
-        bd = {v: (e2e.get(v) or {}).get("breakdown") for v in ("peft_bnb", "lora_fast")}
+        fu = e2e.get("lora_fast_fused") or {}
+        if fu.get("status") == "ok":
+            pa = (e2e.get("peft_bnb") or {}).get("tokens_per_s")
+            lines.append(f"lora_fast with patch(fuse_ops=True) ({fu.get('fused_modules')} norm/MLP modules fused): "
+                         f"{fu['tokens_per_s']:.0f} tokens/s, {fu['ms_per_step']:.1f} ms/step"
+                         + (f" ({fu['tokens_per_s'] / pa:.3f}x peft_bnb)" if pa else "")
+                         + ("" if fu.get("peak_GB") is None else f", peak {fu['peak_GB']:.2f} GB")
+                         + f", last loss {fu['losses'][-1]:.4f}")
+        elif fu:
+            lines.append(f"lora_fast with patch(fuse_ops=True): {str(fu.get('error'))[:120]}")
+        bd = {v: (e2e.get(v) or {}).get("breakdown")
+              for v in ("peft_bnb", "lora_fast", "lora_fast_grouped", "lora_fast_fused")}
         bd = {v: b for v, b in bd.items() if isinstance(b, dict) and "ms_by_category" in b}
         if bd:
             cats = sorted({c for b in bd.values() for c in b["ms_by_category"]})

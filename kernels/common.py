@@ -74,3 +74,17 @@ def dropout_keep_scale(seed, flat, p, inv_keep):
     """``1/(1-p)`` where element ``flat`` is kept, 0 where dropped (fp32)."""
     r = tl.rand(seed, flat)
     return tl.where(r >= p, inv_keep, 0.0)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (round to nearest even).  ``EMULATE_RNE`` (the launchers
+    set it under ``TRITON_INTERPRET=1``): the interpreter truncates fp32 -> bf16 casts (measured,
+    triton 3.9: 487 of 1000 random values off by one ulp), so bf16 is rounded with integer ops
+    first and the cast is then exact; on a GPU the cast itself rounds to nearest even."""
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        r = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        return r.to(dtype)
+    return x.to(dtype)

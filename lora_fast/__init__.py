@@ -7,6 +7,8 @@ Public API::
     lora_fast.NF4LoRALinear.from_bnb(linear4bit, r=8, lora_alpha=16, ...)
     lora_fast.nf4.quantize(W, blocksize=64, double_quant=True)
     lora_fast.save_adapter(model, path) / lora_fast.load_adapter(model, path)
+    lora_fast.patch(peft_model, fuse_ops=False) / lora_fast.unpatch(peft_model)
+    lora_fast.fuse_ops(model) / lora_fast.unfuse_ops(model)      # fused RMSNorm + SwiGLU
     lora_fast.dispatch_stats()
 """
 from . import nf4
@@ -15,6 +17,7 @@ from .modules import LoRALinear, NF4LoRALinear, count_parameters, print_trainabl
 from .ops import lora_linear, lora_linear_grouped
 from .adapter_io import AdapterLoadError, load_adapter, save_adapter
 from .patch import PatchReport, apply_lora, loraplus_param_groups, patch, unpatch
+from .norm_mlp import fuse_ops, rms_norm, silu_mul, unfuse_ops
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,7 @@ __all__ = [
     "apply_lora",
     "count_parameters",
     "dispatch_stats",
+    "fuse_ops",
     "load_adapter",
     "lora_linear",
     "lora_linear_grouped",
@@ -34,6 +38,9 @@ __all__ = [
     "nf4",
     "patch",
     "print_trainable_parameters",
+    "rms_norm",
     "save_adapter",
+    "silu_mul",
+    "unfuse_ops",
     "unpatch",
 ]

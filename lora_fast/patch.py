@@ -65,9 +65,12 @@ class PatchReport:
     converted: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
     groups: List[List[str]] = field(default_factory=list)
+    fused: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"lora_fast.patch: {len(self.converted)} LoRA layers converted, {len(self.skipped)} skipped"]
+        if self.fused:
+            lines[0] += f", {len(self.fused)} norm/MLP modules fused"
         by_reason = collections.defaultdict(list)
         for name, why in self.skipped.items():
             by_reason[why].append(name)
@@ -361,7 +364,8 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     return None
 
 
-def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]] = False) -> PatchReport:
+def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]] = False,
+          fuse_ops: bool = False) -> PatchReport:
     """Convert, in place, every PEFT LoRA linear layer of ``model`` to run on lora_fast.
 
     ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers (the
@@ -374,6 +378,11 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
     (:func:`lora_fast.ops.grouped_call`; see ``_SiblingGroup``): the name sets of
     ``SIBLING_SETS`` (q/k/v, gate/up, ...), or the sets passed instead of True, each in its call
     order.  ``report.groups`` lists the groups formed.
+
+    ``fuse_ops=True`` (opt-in, not yet measured on a GPU: bench/NOTES.md) also swaps the model's
+    Llama-style RMSNorm and gated-SiLU MLP modules for fused kernels
+    (:func:`lora_fast.norm_mlp.fuse_ops`); ``report.fused`` lists them and ``report.skipped``
+    says why any such module was left alone.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -398,6 +407,12 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
         report.groups = _install_groups(model, sets)
     else:
         _remove_groups(model)  # patching again without grouping turns it off
+    if fuse_ops:
+        from .norm_mlp import fuse_ops as _fuse
+
+        fused = _fuse(model)
+        report.fused = fused.converted
+        report.skipped.update(fused.skipped)
     if report.skipped:
         warnings.warn(str(report), RuntimeWarning, stacklevel=2)
     elif not report.converted:
@@ -439,10 +454,12 @@ def _remove_groups(model: nn.Module) -> None:
 
 
 def unpatch(model: nn.Module) -> List[str]:
-    """Give every patched layer its PEFT class back (weights are shared, so training is kept).
-    Returns the names of the layers restored."""
+    """Give every patched layer its PEFT class back (weights are shared, so training is kept), and
+    every module fused by ``patch(..., fuse_ops=True)`` its own.  Returns the names restored."""
+    from .norm_mlp import unfuse_ops
+
     _remove_groups(model)
-    restored = []
+    restored = unfuse_ops(model)
     for name, mod in model.named_modules():
         if isinstance(mod, _FastForwardMixin):
             mod.__class__ = mod._lf_orig_cls

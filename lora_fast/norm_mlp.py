@@ -1,0 +1,393 @@
+"""Fused RMSNorm and gated-SiLU MLP for Llama-family decoders, and the model patch that uses them.
+
+A QLoRA step spends GPU time outside the LoRA layers too.  Hugging Face's ``LlamaRMSNorm``
+runs as ~7 elementwise kernels forward and ~12 backward over fp32 copies of the hidden state,
+and keeps an fp32 copy of it for backward; ``act_fn(gate) * up`` runs as 2 kernels forward and
+3 backward and keeps ``silu(gate)`` for backward.  :func:`fuse_ops` swaps those modules, in
+place, for one Triton kernel per pass (``kernels/rmsnorm.py``, ``kernels/swiglu.py``)::
+
+    rms_norm(x (..., N), weight (N,), eps) -> (..., N) in promote(weight.dtype, x.dtype)
+    silu_mul(g (...), u (...))              -> silu(g) * u, same shape and dtype
+
+with Hugging Face's rounding points (bench/NOTES.md: "Fused RMSNorm and SwiGLU" has the bytes
+each moves and the predicted gain).  Only modules whose ``forward`` is, line for line, Llama's
+are converted (Mistral, Qwen2/3 and the many "Copied from Llama" classes); others are listed in
+the report with the reason.  On the CPU (``auto``) and with ``LORA_FAST_BACKEND=torch`` the
+reference expressions run; under ``torch.compile`` too (Inductor fuses them itself).
+"""
+from __future__ import annotations
+
+import inspect
+import textwrap
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _backend
+from ._launch import launch
+from ._operand import kernel_module
+from .patch import PatchReport
+
+Tensor = torch.Tensor
+
+__all__ = ["rms_norm", "silu_mul", "fuse_ops", "unfuse_ops", "rms_norm_reference", "silu_mul_reference"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# references (the torch backend and the parity oracle): Hugging Face's expressions
+# --------------------------------------------------------------------------------------------
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``LlamaRMSNorm.forward``: fp32 statistics, x̂ rounded to x's dtype, then ``weight * x̂``."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def silu_mul_reference(g: Tensor, u: Tensor) -> Tensor:
+    """``act_fn(gate_proj(x)) * up_proj(x)`` with SiLU."""
+    return F.silu(g) * u
+
+
+# --------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------
+
+def _triton_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run for tensors on ``device`` (as the LoRA ops choose: ``auto``
+    takes them on CUDA, the reference on the CPU; ``cuda`` has no CUDA C++ version of these, so
+    it takes the Triton ones)."""
+    backend = _backend.select(device)
+    if backend == "cuda":
+        ok, why = _backend.triton_status(device)
+        if not ok:
+            raise _backend.BackendUnavailableError(
+                f"LORA_FAST_BACKEND=cuda: the fused RMSNorm/SwiGLU kernels are Triton kernels and Triton cannot run: {why}"
+            )
+        return True
+    return backend == "triton"
+
+
+def _fallback(op: str, why: str) -> None:
+    _backend.record("torch", f"{op}_fallback({why})")
+    _backend.warn_once(f"{op}-fallback:{why}", f"lora_fast: {op} runs the PyTorch reference: {why}")
+
+
+def _n_programs_cap(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+_SM: Dict[int, int] = {}
+
+
+def _interpreting() -> bool:
+    return _backend._interpreting()
+
+
+def _sm_count(index: int) -> int:
+    n = _SM.get(index)
+    if n is None:
+        n = _SM[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------
+
+def _rms_fwd(x2: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    k = kernel_module("rmsnorm")
+    m, n = x2.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    if m:
+        cfg = k.norm_config(n)
+        launch(k.rmsnorm_fwd_kernel, (m,), x2, weight, y, rstd, n, x2.stride(0), y.stride(0), float(eps),
+               **cfg.kwargs, EMULATE_RNE=_interpreting(), num_warps=cfg.num_warps, num_stages=1)
+    return y, rstd
+
+
+def _rms_bwd(dy: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, need_dw: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    k = kernel_module("rmsnorm")
+    m, n = x2.shape
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return dx, (torch.zeros_like(weight) if need_dw else None)
+    cfg = k.norm_config(n, backward=True, has_dw=need_dw)
+    single = cfg.kwargs["SINGLE"]
+    if need_dw:
+        rows = -(-m // min(m, _n_programs_cap(x2.device)))
+        progs = -(-m // rows)
+        # chunked rows accumulate their partial in place: it must start at zero
+        part = (torch.empty if single else torch.zeros)((progs, n), dtype=torch.float32, device=x2.device)
+    else:
+        rows, progs, part = 1, m, dx  # dw_ptr unused (HAS_DW=False)
+    launch(k.rmsnorm_bwd_kernel, (progs,), dy, x2, weight, rstd, dx, part, m, n, dy.stride(0), x2.stride(0),
+           dx.stride(0), rows, **cfg.kwargs, HAS_DW=need_dw, EMULATE_RNE=_interpreting(),
+           num_warps=cfg.num_warps, num_stages=1)
+    return dx, (part.sum(0).to(weight.dtype) if need_dw else None)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, eps, out_dtype):
+        y, rstd = _rms_fwd(x2, weight, eps, out_dtype)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dx, dw = _rms_bwd(dy, x2, weight, rstd, need_dw)
+        return (dx if need_dx else None), dw, None, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm: ``weight * (x · rsqrt(mean(x², -1) + eps)).to(x.dtype)``.
+
+    x: (..., N) fp16/bf16/fp32; weight: (N,).  Returns (..., N) in the promotion of the two dtypes,
+    as ``LlamaRMSNorm`` does.  Gradients for x and (if it requires grad) weight."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("rms_norm expects tensors for x and weight")
+    n = x.shape[-1] if x.dim() else 0
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, the input's last dim is {n}: need ({n},)")
+    if x.device != weight.device:
+        raise ValueError(f"rms_norm: input is on {x.device} but the weight is on {weight.device}")
+    if torch.compiler.is_compiling() or not _triton_on(x.device):
+        return rms_norm_reference(x, weight, eps)
+    if x.dtype not in _FLOAT or weight.dtype not in _FLOAT:
+        _fallback("rms_norm", f"dtype {x.dtype} / weight {weight.dtype} (kernels take fp16, bf16, fp32)")
+        return rms_norm_reference(x, weight, eps)
+    _backend.record("triton", "rms_norm")
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    return _RMSNormFn.apply(x2, weight, float(eps), out_dtype).view(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------
+# gated SiLU
+# --------------------------------------------------------------------------------------------
+
+def _grid(numel: int, block: int) -> Tuple[int]:
+    return (-(-numel // block),)
+
+
+class _SiluMulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u):
+        k = kernel_module("swiglu")
+        h = torch.empty_like(g)
+        if g.numel():
+            launch(k.silu_mul_fwd_kernel, _grid(g.numel(), k.ELTWISE_BLOCK), g, u, h, g.numel(),
+                   BLOCK=k.ELTWISE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.ELTWISE_WARPS, num_stages=1)
+        ctx.save_for_backward(g, u)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        k = kernel_module("swiglu")
+        g, u = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        if g.numel():
+            launch(k.silu_mul_bwd_kernel, _grid(g.numel(), k.ELTWISE_BLOCK), dh, g, u, dg, du, g.numel(),
+                   BLOCK=k.ELTWISE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.ELTWISE_WARPS, num_stages=1)
+        need = ctx.needs_input_grad
+        return (dg if need[0] else None), (du if need[1] else None)
+
+
+def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """``F.silu(g) * u`` in one pass each way (the gated MLP of Llama-family models).
+
+    g, u: same shape, same fp16/bf16/fp32 dtype, same device.  Other inputs (broadcasting,
+    mixed dtypes) run the two-op reference, counted in ``dispatch_stats`` and warned about once."""
+    if g.device != u.device:
+        raise ValueError(f"silu_mul: gate is on {g.device} but up is on {u.device}")
+    if torch.compiler.is_compiling() or not _triton_on(g.device):
+        return silu_mul_reference(g, u)
+    if g.shape != u.shape or g.dtype != u.dtype or g.dtype not in _FLOAT:
+        _fallback("silu_mul", f"gate {tuple(g.shape)} {g.dtype} / up {tuple(u.shape)} {u.dtype} "
+                              "(the kernel takes equal shapes and one fp16/bf16/fp32 dtype)")
+        return silu_mul_reference(g, u)
+    _backend.record("triton", "silu_mul")
+    return _SiluMulFn.apply(g.contiguous(), u.contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# the model patch
+# --------------------------------------------------------------------------------------------
+
+def _body(fn) -> Optional[Tuple[str, ...]]:
+    """The statements of a function's source, without its signature, docstring, comments and
+    blank lines (None when the source cannot be read)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    lines = src.splitlines()
+    while lines and not lines[0].lstrip().startswith("def "):  # decorators
+        lines.pop(0)
+    # the signature may span lines: drop up to the line that ends it
+    while lines and not lines[0].rstrip().endswith(":"):
+        lines.pop(0)
+    lines = [ln.strip() for ln in lines[1:]]
+    out, in_doc = [], False
+    for ln in lines:
+        if ln.startswith(('"""', "'''")):
+            if not (len(ln) > 3 and ln.endswith(ln[:3])):
+                in_doc = not in_doc
+            continue
+        if in_doc or not ln or ln.startswith("#"):
+            continue
+        out.append(ln.split("  #")[0].rstrip())
+    return tuple(out)
+
+
+# Llama's forward bodies (transformers 4.4x-5.x); a class whose forward reads the same is converted
+_LLAMA_RMSNORM = (
+    "input_dtype = hidden_states.dtype",
+    "hidden_states = hidden_states.to(torch.float32)",
+    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+    "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+    "return self.weight * hidden_states.to(input_dtype)",
+)
+_LLAMA_MLP = (
+    (
+        "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+        "return down_proj",
+    ),
+    ("return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",),
+)
+
+
+def _is_silu(act) -> bool:
+    if isinstance(act, nn.SiLU):
+        return True
+    if type(act).__name__ == "SiLUActivation":
+        return _body(type(act).forward) in (("return nn.functional.silu(input)",), ("return F.silu(input)",))
+    return act is F.silu
+
+
+class _FusedRMSNorm:
+    _lf_fused_orig: type
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _FusedMLP:
+    _lf_fused_orig: type
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+_FUSED: Dict[type, type] = {}
+_PREFIX = "LoraFastFused__"
+_SEP = "__C__"
+
+
+def _class_name(orig: type) -> str:
+    return _PREFIX + orig.__module__.replace(".", "_o_") + _SEP + orig.__qualname__.replace(".", "_o_")
+
+
+def _fused_class(orig: type, mixin: type) -> type:
+    cls = _FUSED.get(orig)
+    if cls is None:
+        name = _class_name(orig)
+        cls = type(name, (mixin, orig), {"_lf_fused_orig": orig, "__module__": __name__})
+        cls.__qualname__ = name
+        _FUSED[orig] = cls
+    return cls
+
+
+def __getattr__(name: str):  # importable by name (pickling a fused model): rebuild from the encoded original
+    if name.startswith(_PREFIX):
+        import importlib
+
+        mod, _, qual = name[len(_PREFIX):].rpartition(_SEP)
+        obj = importlib.import_module(mod.replace("_o_", "."))
+        for part in qual.split("_o_"):
+            obj = getattr(obj, part)
+        return _fused_class(obj, _FusedRMSNorm if _rmsnorm_reason(obj, None) is None else _FusedMLP)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _rmsnorm_reason(cls: type, mod: Optional[nn.Module]) -> Optional[str]:
+    body = _body(cls.forward)
+    if body != _LLAMA_RMSNORM:
+        return "forward differs from LlamaRMSNorm's (not converted: another formula or rounding)"
+    if mod is not None:
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, Tensor) or w.dim() != 1:
+            return "no 1-D weight"
+        if not isinstance(getattr(mod, "variance_epsilon", None), (float, int)):
+            return "variance_epsilon is not a number"
+    return None
+
+
+def _mlp_reason(mod: nn.Module) -> Optional[str]:
+    if _body(type(mod).forward) not in _LLAMA_MLP:
+        return "forward differs from LlamaMLP's down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    if not _is_silu(getattr(mod, "act_fn", None)):
+        return f"activation {type(getattr(mod, 'act_fn', None)).__name__} is not SiLU"
+    return None
+
+
+def _is_mlp_candidate(mod: nn.Module) -> bool:
+    return all(isinstance(getattr(mod, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj"))
+
+
+def fuse_ops(model: nn.Module) -> PatchReport:
+    """Swap, in place, the RMSNorm and gated-SiLU MLP modules of a Llama-family ``model`` for the
+    fused kernels (state dicts, parameters and hooks are untouched: only the class changes).
+
+    Works on a plain ``transformers`` model, a PEFT model, or one patched by
+    :func:`lora_fast.patch` (``patch(model, fuse_ops=True)`` calls this).  Returns a
+    :class:`PatchReport`: ``converted`` module names; ``skipped`` name → reason for modules
+    named ``*RMSNorm`` or holding gate/up/down projections whose forward is not Llama's.
+    :func:`unfuse_ops` undoes it."""
+    report = PatchReport()
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
+            report.converted.append(name)
+            continue
+        if "rmsnorm" in cls.__name__.lower():
+            why = _rmsnorm_reason(cls, mod)
+            mixin = _FusedRMSNorm
+        elif _is_mlp_candidate(mod):
+            why = _mlp_reason(mod)
+            mixin = _FusedMLP
+        else:
+            continue
+        if why is not None:
+            report.skipped[name] = f"{cls.__name__}: {why}"
+            continue
+        mod.__class__ = _fused_class(cls, mixin)
+        report.converted.append(name)
+    return report
+
+
+def unfuse_ops(model: nn.Module) -> List[str]:
+    """Give every module converted by :func:`fuse_ops` its class back; returns their names."""
+    restored = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
+            mod.__class__ = mod._lf_fused_orig
+            restored.append(name)
+    return restored

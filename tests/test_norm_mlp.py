@@ -1,0 +1,350 @@
+"""Fused RMSNorm and gated SiLU (lora_fast/norm_mlp.py, kernels/rmsnorm.py, kernels/swiglu.py):
+kernel parity against Hugging Face's expressions and fp64, the model patch (fuse_ops), and
+its behaviour with PEFT, pickling, gradient checkpointing and torch.compile.  On the CPU the
+kernels run in the Triton interpreter (``LORA_FAST_BACKEND=triton``)."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from parity import assert_parity
+
+import lora_fast
+from lora_fast import norm_mlp
+from lora_fast.norm_mlp import rms_norm, rms_norm_reference, silu_mul, silu_mul_reference
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    lora_fast.dispatch_stats(reset=True)
+
+
+def _ulp_diff_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a != b).float().mean().item()
+
+
+def _rms64(x, w, eps):
+    x64, w64 = x.double(), w.double()
+    return w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+
+
+# (rows, cols): one row, odd widths, a width past the single-block limit (chunked rows)
+NORM_SHAPES = [(1, 8), (37, 200), (5, 6000), (3, 16400)] + ([(4096, 4096), (64, 8192)] if CUDA else [(6, 4096)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_fp32", [False, True], ids=["w-same", "w-fp32"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("w_grad", [False, True], ids=["w-frozen", "w-grad"])
+def test_rms_norm_parity(dtype, w_fp32, shape, w_grad, triton_backend):
+    m, n = shape
+    eps = 1e-6
+    x = (torch.randn(m, n, device=DEV) * 3).to(dtype)
+    w = (torch.randn(n, device=DEV) * 0.5 + 1).to(torch.float32 if w_fp32 else dtype)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_(w_grad)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_(w_grad)
+    yk, yr = rms_norm(xk, wk, eps), rms_norm_reference(xr, wr, eps)
+    assert yk.dtype == yr.dtype == torch.promote_types(w.dtype, dtype) and yk.shape == yr.shape
+    dy = torch.randn_like(yr)
+    yk.backward(dy)
+    yr.backward(dy)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y64 = _rms64(x64, w64, eps)
+    y64.backward(dy.double())
+    assert_parity(yk, y64, yr, dtype=yk.dtype, what="y")
+    if dtype != torch.float32:  # Hugging Face's rounding points: all but a few elements bit-equal
+        assert _ulp_diff_fraction(yk, yr) <= 0.01, "forward rounds differently from LlamaRMSNorm"
+    assert_parity(xk.grad, x64.grad, xr.grad, dtype=dtype, what="dx")
+    if w_grad:
+        assert wk.grad is not None and wk.grad.dtype == w.dtype
+        assert_parity(wk.grad, w64.grad, wr.grad, dtype=w.dtype, what="dw")
+    else:
+        assert wk.grad is None
+    assert lora_fast.dispatch_stats().get("triton:rms_norm", 0) == 1
+
+
+def test_rms_norm_3d_noncontiguous_and_empty(triton_backend):
+    base = torch.randn(2, 5, 130, device=DEV, dtype=torch.float16)
+    x = base[:, :, 1:129:2]  # last-dim stride 2
+    w = torch.rand(64, device=DEV, dtype=torch.float16) + 0.5
+    xk = x.detach().clone().requires_grad_()
+    y = rms_norm(x, w, 1e-5)
+    assert y.shape == (2, 5, 64)
+    torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-5), rtol=2e-3, atol=2e-3)
+    rms_norm(xk, w, 1e-5).sum().backward()
+    assert xk.grad.shape == x.shape
+    e = torch.empty(0, 64, device=DEV, dtype=torch.float16, requires_grad=True)
+    out = rms_norm(e, w, 1e-5)
+    assert out.shape == (0, 64)
+    out.sum().backward()
+    assert e.grad.shape == (0, 64)
+
+
+def test_rms_norm_errors(triton_backend):
+    x = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"weight has shape \(9,\).*last dim is 8"):
+        rms_norm(x, torch.ones(9, device=DEV), 1e-6)
+    with pytest.raises(ValueError, match="need"):
+        rms_norm(x, torch.ones(2, 4, device=DEV), 1e-6)
+
+
+def test_rms_norm_fp64_falls_back_visibly(triton_backend):
+    x = torch.randn(3, 16, dtype=torch.float64, device=DEV)
+    w = torch.ones(16, dtype=torch.float64, device=DEV)
+    with pytest.warns(RuntimeWarning, match="rms_norm runs the PyTorch reference"):
+        norm_mlp._backend._warned.discard("rms_norm-fallback:dtype torch.float64 / weight torch.float64 "
+                                          "(kernels take fp16, bf16, fp32)")
+        y = rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-6))
+    assert any(k.startswith("torch:rms_norm_fallback") for k in lora_fast.dispatch_stats())
+
+
+SILU_SHAPES = [(1,), (37, 300), (2, 3, 2049)] + ([(4096, 14336)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SILU_SHAPES, ids=str)
+def test_silu_mul_parity(dtype, shape, triton_backend):
+    g = (torch.randn(shape, device=DEV) * 4).to(dtype)
+    u = torch.randn(shape, device=DEV).to(dtype)
+    gk, uk = g.clone().requires_grad_(), u.clone().requires_grad_()
+    gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
+    hk, hr = silu_mul(gk, uk), silu_mul_reference(gr, ur)
+    assert hk.dtype == dtype and hk.shape == g.shape
+    dh = torch.randn_like(hr)
+    hk.backward(dh)
+    hr.backward(dh)
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    h64 = torch.nn.functional.silu(g64) * u64
+    h64.backward(dh.double())
+    assert_parity(hk, h64, hr, dtype=dtype, what="h")
+    assert_parity(gk.grad, g64.grad, gr.grad, dtype=dtype, what="dg")
+    assert_parity(uk.grad, u64.grad, ur.grad, dtype=dtype, what="du")
+    if dtype != torch.float32:  # the two-op expression's rounding points: bit-equal but for exp's last bits
+        for a, b in ((hk, hr), (gk.grad, gr.grad), (uk.grad, ur.grad)):
+            assert _ulp_diff_fraction(a, b) <= 0.01
+    assert lora_fast.dispatch_stats().get("triton:silu_mul", 0) == 1
+
+
+def test_silu_mul_mixed_inputs_fall_back_visibly(triton_backend):
+    g = torch.randn(4, 8, device=DEV)
+    u = torch.randn(4, 8, device=DEV, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norm_mlp._backend._warned.clear()
+        h = silu_mul(g, u)
+    assert any("silu_mul runs the PyTorch reference" in str(w.message) for w in caught)
+    torch.testing.assert_close(h, silu_mul_reference(g, u))
+    assert any(k.startswith("torch:silu_mul_fallback") for k in lora_fast.dispatch_stats())
+
+
+def test_torch_backend_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    lora_fast.dispatch_stats(reset=True)
+    x, w = torch.randn(3, 16, device=DEV), torch.rand(16, device=DEV)
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(silu_mul(x, w.expand(3, 16)), silu_mul_reference(x, w.expand(3, 16)))
+    assert not any("rms_norm" in k or "silu_mul" in k for k in lora_fast.dispatch_stats())
+
+
+# --------------------------------------------------------------------------------------------
+# the model patch
+# --------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(hidden_act="silu", seed=0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, hidden_act=hidden_act,
+                      attn_implementation="eager")
+    return LlamaForCausalLM(cfg).to(DEV)
+
+
+def _batch(seed=0, seq=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (2, seq), generator=g).to(DEV)
+    return {"input_ids": ids, "labels": ids}
+
+
+FUSED_NAMES = ["model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+               "model.layers.1.mlp", "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+               "model.norm"]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fuse_ops_llama_matches_unfused(backend, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", backend)
+    ref = _llama()
+    fused = copy.deepcopy(ref)
+    report = lora_fast.fuse_ops(fused)
+    assert sorted(report.converted) == sorted(FUSED_NAMES) and not report.skipped
+    assert type(fused.model.norm).__name__.startswith("LoraFastFused__")
+    assert isinstance(fused.model.norm, type(ref.model.norm))  # a subclass: isinstance checks still hold
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    b = _batch()
+    lr, lf = ref(**b).loss, fused(**b).loss
+    lr.backward()
+    lf.backward()
+    gr, gf = _grads(ref), _grads(fused)
+    assert gr.keys() == gf.keys()
+    if backend == "torch":  # the reference expressions: the same numbers
+        assert torch.equal(lr, lf)
+        for k in gr:
+            assert torch.equal(gr[k], gf[k]), k
+    else:
+        torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-5)
+        for k in gr:
+            torch.testing.assert_close(gf[k], gr[k], rtol=1e-4, atol=1e-5, msg=k)
+        stats = lora_fast.dispatch_stats()
+        assert stats.get("triton:rms_norm", 0) >= 5 and stats.get("triton:silu_mul", 0) >= 2
+    assert sorted(lora_fast.unfuse_ops(fused)) == sorted(FUSED_NAMES)
+    assert type(fused.model.norm) is type(ref.model.norm) and type(fused.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
+
+
+def test_fuse_ops_skips_what_it_does_not_compute():
+    model = _llama(hidden_act="gelu")
+
+    class MyRMSNorm(nn.Module):  # Gemma-style (1 + w): another formula
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, hidden_states):
+            h = hidden_states.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (h * (1.0 + self.weight.float())).type_as(hidden_states)
+
+    model.model.norm = MyRMSNorm(64).to(DEV)
+    report = lora_fast.fuse_ops(model)
+    assert "gelu" not in report.converted
+    assert "activation" in report.skipped["model.layers.0.mlp"] and "not SiLU" in report.skipped["model.layers.0.mlp"]
+    assert "forward differs from LlamaRMSNorm" in report.skipped["model.norm"]
+    assert "model.layers.0.input_layernorm" in report.converted
+    assert type(model.model.norm) is MyRMSNorm
+
+
+def test_fused_model_pickles_and_deepcopies(tmp_path):
+    model = _llama()
+    lora_fast.fuse_ops(model)
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded.model.norm) is type(model.model.norm)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+        assert torch.equal(clone(ids).logits, want)
+    # the class is importable by name in a fresh interpreter too (module-level __getattr__)
+    name = type(model.model.layers[0].mlp).__name__
+    assert getattr(norm_mlp, name) is type(model.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_gradient_checkpointing(reentrant, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    ref = _llama()
+    fused = copy.deepcopy(ref)
+    lora_fast.fuse_ops(fused)
+    fused.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    fused.enable_input_require_grads()
+    fused.train()
+    ref.train()
+    b = _batch()
+    ref(**b).loss.backward()
+    fused(**b).loss.backward()
+    gr, gf = _grads(ref), _grads(fused)
+    assert gr.keys() == gf.keys()
+    for k in gr:
+        torch.testing.assert_close(gf[k], gr[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_patch_with_fuse_ops_trains_like_peft(monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    t7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def make():
+        m = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=t7))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(hash(n) % 1000))
+        return m
+
+    plain, fast = make(), make()
+    report = lora_fast.patch(fast, fuse_ops=True)
+    assert len(report.converted) == 14 and sorted(report.fused) == sorted("base_model.model." + n for n in FUSED_NAMES)
+    assert "7 norm/MLP modules fused" in str(report)
+    losses = []
+    for model in (plain, fast):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        curve = []
+        for step in range(4):
+            loss = model(**_batch(step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(loss.item())
+        losses.append(curve)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
+    restored = lora_fast.unpatch(fast)
+    assert len(restored) == 14 + 7
+    assert not any(isinstance(m, (norm_mlp._FusedMLP, norm_mlp._FusedRMSNorm)) for m in fast.modules())
+
+
+def test_compile_fullgraph_fused_decoder_layer(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    model = _llama(layers=1)
+    lora_fast.fuse_ops(model)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 8, 64, device=DEV, requires_grad=True)
+    pos = torch.arange(8, device=DEV).unsqueeze(0).expand(2, 8)
+    emb = model.model.rotary_emb(x, pos)
+    want = layer(x, position_embeddings=emb, position_ids=pos)
+    want = want[0] if isinstance(want, tuple) else want
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(x, position_embeddings=emb, position_ids=pos)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("backward,has_dw", [(False, False), (True, False), (True, True)])
+def test_launcher_configs_are_the_compile_checked_ones(backward, has_dw):
+    """bench.compile_check compiles the configs listed in kernels/rmsnorm.py (spill-free on
+    sm_80/86/90); the launcher must only ever pick one of them."""
+    from lora_fast._operand import kernel_module
+
+    k = kernel_module("rmsnorm")
+    listed = k.NORM_BWD_CONFIGS if backward else k.NORM_FWD_CONFIGS
+    if backward:
+        listed = k.prune_norm_bwd(listed, {}, HAS_DW=has_dw)
+    keys = {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in listed}
+    for n in [1, 7, 127, 128, 129, 1000, 2048, 4095, 4096, 4097, 5120, 8192, 8193, 14336, 16384, 16385, 65536]:
+        c = k.norm_config(n, backward=backward, has_dw=has_dw)
+        assert (tuple(sorted(c.kwargs.items())), c.num_warps) in keys, (n, c)
+        assert c.kwargs["SINGLE"] == (n <= c.kwargs["BLOCK_N"])
