@@ -161,7 +161,9 @@ class _Slot:
         old = m.lora_dropout[a]
         old_p = float(old.p) if isinstance(old, nn.Dropout) else 0.0
         if old_p != float(p):
-            m.lora_dropout[a] = nn.Dropout(p=p) if p > 0 else nn.Identity()
+            # a new module in the layer's own train/eval mode (a fresh nn.Dropout is in training
+            # mode: it would drop in an eval()-ed model)
+            m.lora_dropout[a] = (nn.Dropout(p=p) if p > 0 else nn.Identity()).train(m.training)
 
 
 def _root_prefix(model: nn.Module) -> str:
@@ -311,6 +313,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
             f"{type(model).__name__} holds no LoRA layers (lora_fast.LoRALinear / NF4LoRALinear or PEFT LoRA layers)"
         )
     _check_peft_config_savable(model, adapter)
+    _check_trainable_bias(model, slots)
     tensors: Dict[str, Tensor] = {}
     ranks: Dict[str, int] = {}
     alphas: Dict[str, float] = {}
@@ -397,6 +400,33 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
             fh.write("\n")
 
     _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+
+
+def _slot_merged(slot) -> bool:
+    m, a = slot.module, slot.adapter
+    if a is None:
+        return bool(getattr(m, "merged", False))
+    return a in (getattr(m, "merged_adapters", None) or [])
+
+
+def _check_trainable_bias(model: nn.Module, slots) -> None:
+    """A model converted by ``apply_lora(bias="all" | "lora_only")`` trains biases: the writer
+    saves A/B only, so they would be lost silently."""
+    if not any(s.adapter is None for s in slots):  # PEFT models: _check_peft_config_savable
+        return
+    # a bias that trains beside a frozen weight (what apply_lora's bias= does); a layer that
+    # trains as a whole is the user's own business, as in PEFT
+    trained = []
+    for name, mod in model.named_modules():
+        b, w = mod._parameters.get("bias"), mod._parameters.get("weight")
+        if isinstance(b, nn.Parameter) and b.requires_grad and not (isinstance(w, nn.Parameter) and w.requires_grad):
+            trained.append(name)
+    if trained:
+        raise ValueError(
+            f"layers {trained[:3]}{' (+%d more)' % (len(trained) - 3) if len(trained) > 3 else ''} train their "
+            "bias (apply_lora(bias=...)); lora_fast.save_adapter writes only lora_A/lora_B, so the trained bias "
+            "would be lost: save it with torch.save(model.state_dict()) or freeze it (bias.requires_grad_(False))"
+        )
 
 
 def _check_peft_config_savable(model: nn.Module, adapter: Optional[str]) -> None:
@@ -618,6 +648,12 @@ def load_adapter(
         if ta.shape[0] != rank:
             raise AdapterLoadError(
                 f"{cfg_path}: r mismatch for {mpath}: the config gives r={rank} but {ka} has {ta.shape[0]} rows"
+            )
+        if _slot_merged(slot):
+            raise AdapterLoadError(
+                f"LoRA layer {mpath} is merged (its update is folded into the base weight): loading new A/B "
+                "would leave the old update in the base and unmerge() would then corrupt it; unmerge the "
+                "model first (PEFT: unmerge_adapter(); lora_fast layers: unmerge())"
             )
         plan.append((slot, ta, tb, rank, alpha))
 

@@ -188,10 +188,16 @@ class LoRALinear(_LoRABase):
 class NF4LoRALinear(_LoRABase):
     """LoRA on an NF4 frozen base stored in bitsandbytes' layout (QLoRA).
 
-    The packed weight and its statistics are buffers (``nf4_packed``, ``nf4_absmax`` and, with
-    double quantisation, ``nf4_absmax2``/``nf4_code2``), so ``.to(device)`` and ``state_dict``
-    carry them.  ``weight`` returns an :class:`lora_fast.nf4.NF4Tensor` view of them.
+    The packed weight and its statistics are buffers (``nf4_packed``, ``nf4_absmax``,
+    ``nf4_offset`` and, with double quantisation, ``nf4_absmax2``/``nf4_code2``), so
+    ``.to(device)`` and ``state_dict`` carry them.  Dtype casts of the module (``.half()``,
+    ``.to(torch.bfloat16)``) leave the fp32 statistics fp32, as bitsandbytes' ``Linear4bit``
+    does: rounding them would change the weight.  ``weight`` returns an
+    :class:`lora_fast.nf4.NF4Tensor` view of them.
     """
+
+    # fp32 quantisation statistics (nf4_absmax only without double quantisation: else uint8 codes)
+    _FP32_STATS = ("nf4_absmax", "nf4_absmax2", "nf4_code2", "nf4_offset")
 
     def __init__(
         self,
@@ -221,12 +227,28 @@ class NF4LoRALinear(_LoRABase):
         self.register_buffer("nf4_absmax", q.absmax)
         self.register_buffer("nf4_absmax2", q.absmax2)
         self.register_buffer("nf4_code2", q.code2)
-        self.nf4_offset = float(q.offset)
+        # saved with the state dict; read on every call as a Python float (no device sync)
+        self.register_buffer("nf4_offset", torch.tensor(float(q.offset), dtype=torch.float32, device=q.packed.device))
+        self._offset = float(q.offset)
         self.blocksize = int(q.blocksize)
         self.nested_blocksize = int(q.nested_blocksize)
         self.weight_shape = torch.Size(q.shape)
         self.weight_dtype = q.dtype
         self._code_cache: Optional[Tensor] = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.nf4_offset.device.type != "meta":
+            self._offset = float(self.nf4_offset)
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: b for n in self._FP32_STATS if (b := self._buffers.get(n)) is not None and b.dtype == torch.float32}
+        out = super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers.get(n)
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[n] = old.to(device=new.device)
+        return out
 
     @classmethod
     def from_linear(
@@ -270,7 +292,7 @@ class NF4LoRALinear(_LoRABase):
     def weight(self) -> "nf4_mod.NF4Tensor":
         return nf4_mod.NF4Tensor(
             self.nf4_packed, self.nf4_absmax, self.weight_shape, self.weight_dtype, self.blocksize,
-            self.nf4_absmax2, self.nf4_code2, self.nf4_offset, self.nested_blocksize,
+            self.nf4_absmax2, self.nf4_code2, self._offset, self.nested_blocksize,
         )
 
     def to_bnb(self) -> nn.Module:
@@ -292,7 +314,7 @@ class NF4LoRALinear(_LoRABase):
             code = nf4_mod.NF4_CODE.to(self.nf4_packed.device)
             self._code_cache = code
         return NF4Operand(
-            self.nf4_packed, self.nf4_absmax, self.nf4_absmax2, self.nf4_code2, self.nf4_offset,
+            self.nf4_packed, self.nf4_absmax, self.nf4_absmax2, self.nf4_code2, self._offset,
             self.blocksize, self.nested_blocksize, (self.out_features, self.in_features), code,
         )
 

@@ -346,7 +346,10 @@ def _quantize_blockwise_8bit(c: Tensor, blocksize: int, cuda: bool) -> Tuple[Ten
         # trunc(fma((y + 1) * 0.5, 65535, 0.5)), look the grid point up.  (y + 1) * 0.5 is a
         # multiple of 2^-25 below 1, so t * 65535 + 0.5 is exact in float64 and a single
         # rounding to fp32 reproduces the FMA.
-        t = (torch.clamp(y, -1.0, 1.0) + 1.0) * 0.5
+        # A subnormal block absmax has an infinite reciprocal: its values go to +-1 and its zero
+        # entries (the block padding included) to NaN, which bnb's CPU library maps to index 0
+        # (checked byte-equal: weights of magnitude 1e-45 .. 3e-38) and must not index the LUT.
+        t = (torch.clamp(y.nan_to_num(-1.0), -1.0, 1.0) + 1.0) * 0.5
         idx = (t.double() * float(_LUT_SIZE - 1) + 0.5).to(torch.float32).to(torch.int64)
         q = _dyn_lut(c.device)[idx]
     q = q.masked_fill((absmax == 0).unsqueeze(1), 0)

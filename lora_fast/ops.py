@@ -14,6 +14,8 @@ adapter dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -26,6 +28,34 @@ Tensor = torch.Tensor
 Base = Union[Tensor, NF4Operand]
 
 _EMPTY = torch.empty(0)
+
+
+def _trainable_base(x: Tensor, w: Tensor, bias, A: Tensor, B: Tensor, scaling: float, dropout_p: float) -> Tensor:
+    """The base weight requires grad (a frozen-base op would silently drop dW0): plain PyTorch
+    autograd, warned once and counted."""
+    why = "the base weight requires grad (lora_fast's kernels never compute dW0)"
+    if not torch.compiler.is_compiling():
+        _backend.warn_once(f"base-grad:{why}", f"lora_fast: {why}; running plain PyTorch autograd. Freeze it "
+                                               "(weight.requires_grad_(False)) for the fast path")
+        _backend.record("torch", f"fallback({why})")
+    dt = x.dtype
+    xd = torch.nn.functional.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    y = torch.nn.functional.linear(x, w.to(dt), None if bias is None else bias.to(dt))
+    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt))
+
+
+def _as_base(base) -> Base:
+    """A dense weight or NF4Operand as it is; the public :class:`lora_fast.nf4.NF4Tensor` (what
+    ``nf4.quantize`` returns) viewed as the operand the kernels take."""
+    if isinstance(base, (Tensor, NF4Operand)):
+        return base
+    from . import nf4 as nf4_mod
+
+    if isinstance(base, nf4_mod.NF4Tensor):
+        return NF4Operand(base.packed, base.absmax, base.absmax2, base.code2, float(base.offset), base.blocksize,
+                          base.nested_blocksize, (int(base.shape[0]), int(base.shape[1])),
+                          nf4_mod.NF4_CODE.to(base.packed.device))
+    raise TypeError(f"base must be a weight tensor, an NF4Tensor or an NF4Operand, got {type(base).__name__}")
 
 
 def _operand(weight: Tensor, absmax, absmax2, code2, code, nf4_meta: List[int], offset: float) -> Base:
@@ -62,8 +92,55 @@ def _auto_gemv(x: Tensor, base: Base, bias, A: Tensor, B: Tensor, dropout_p: flo
     return ok
 
 
+def kernel_issue(x: Tensor, A: Tensor, B: Tensor) -> Optional[str]:
+    """Why the Triton/CUDA kernels cannot compute this call correctly (None: they can)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return ("bf16 activations in the Triton CPU interpreter, whose tl.dot computes bf16 wrongly "
+                "(use float16/float32 there, or LORA_FAST_BACKEND=torch)")
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype not in _FLOAT_DTYPES:
+            return f"{name} is {t.dtype}; the kernels take float16, bfloat16 or float32 adapter weights"
+    return None
+
+
+def _usable(backend: str, x: Tensor, A: Tensor, B: Tensor) -> str:
+    """``backend``, or 'torch' where the kernels cannot take this call under ``auto`` (warned
+    once and counted); a backend named in ``LORA_FAST_BACKEND`` that cannot take it raises."""
+    if backend == "torch":
+        return backend
+    why = kernel_issue(x, A, B)
+    if why is None:
+        return backend
+    name = _backend.requested_backend()
+    if name != "auto":
+        raise _backend.BackendUnavailableError(f"LORA_FAST_BACKEND={name} cannot run this call: {why}")
+    _backend.warn_once(f"kernel-issue:{why}", f"lora_fast: falling back to the PyTorch reference backend: {why}")
+    _backend.record("torch", f"fallback({why})")
+    return "torch"
+
+
+def _autocast_off(device: torch.device):
+    """The ops compute in the dtypes they are given (the modules cast the input to the autocast
+    dtype first, as nn.Linear does); an enclosing autocast must not re-cast their matmuls (a
+    bnb base with compute_dtype=float32 under bf16 autocast mixed dtypes in one addmm_)."""
+    t = device.type
+    if t in ("cpu", "cuda") and torch.is_autocast_enabled(t):
+        return torch.autocast(t, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward_impl(x, base: Base, bias, A, B, scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
-    backend = _backend.select(x.device)
+    with _autocast_off(x.device):
+        return _forward_run(x, base, bias, A, B, scaling, dropout_p, seed)
+
+
+def _backward_impl(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
+    with _autocast_off(dy.device):
+        return _backward_run(dy, x, xa, base, A, B, scaling, dropout_p, seed, flags)
+
+
+def _forward_run(x, base: Base, bias, A, B, scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    backend = _usable(_backend.select(x.device), x, A, B)
     if backend == "triton" and _auto_gemv(x, base, bias, A, B, dropout_p):
         backend = "cuda"
     if backend == "triton":
@@ -79,8 +156,8 @@ def _forward_impl(x, base: Base, bias, A, B, scaling: float, dropout_p: float, s
     return ref.forward(x, _dense(base, x.dtype), bias, A, B, scaling, mask)
 
 
-def _backward_impl(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
-    backend = _backend.select(dy.device)
+def _backward_run(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
+    backend = _usable(_backend.select(dy.device), x, A, B)
     if backend == "triton":
         from . import triton_backend
 
@@ -235,7 +312,17 @@ def lora_linear(
     Dropout (``dropout_p > 0``) uses a fresh seed drawn from torch's CPU generator; the mask
     is regenerated from it in backward, never stored.
     """
-    n, k = (base.shape if isinstance(base, NF4Operand) else tuple(base.shape))
+    base = _as_base(base)
+    if isinstance(base, NF4Operand):
+        n, k = base.shape
+    else:
+        if base.dim() != 2:
+            raise ValueError(f"the base weight must be 2-D (out_features, in_features), got shape {tuple(base.shape)}")
+        if not base.dtype.is_floating_point:
+            raise TypeError(f"the dense base weight has dtype {base.dtype}; a floating-point weight is needed")
+        n, k = base.shape
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension (..., in_features), got a 0-d tensor")
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layer expects in_features={k}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -243,12 +330,22 @@ def lora_linear(
     wdev = base.device
     if x.device != wdev:
         raise ValueError(f"input is on {x.device} but the layer's weights are on {wdev}")
-    if lora_A.shape[1] != k or lora_B.shape[0] != n or lora_A.shape[0] != lora_B.shape[1]:
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
+            or lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(
             f"adapter shapes lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit a ({n}, {k}) base"
         )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} has dtype {t.dtype}; adapter weights must be floating point")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for out_features={n}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if isinstance(base, Tensor) and base.requires_grad and torch.is_grad_enabled():
+        return _trainable_base(x, base, bias, lora_A, lora_B, float(scaling), float(dropout_p))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not torch.compiler.is_compiling():
@@ -306,6 +403,7 @@ class _GroupedLoRA(torch.autograd.Function):
         _backend.record("triton", f"fwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         ctx.save_for_backward(x, xa_all)
         ctx.group, ctx.paths = group, paths
+        ctx.set_materialize_grads(False)  # an output outside the loss arrives as None, not zeros
         return tuple(ys)
 
     @staticmethod
@@ -316,6 +414,7 @@ class _GroupedLoRA(torch.autograd.Function):
         group, paths = ctx.group, ctx.paths
         _backend.record("triton", f"bwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         dybs, dBs, dbiases, dys_used = [], [], [], []
+        used = [dy is not None for dy in dys]  # an output outside the loss: its layer's grads are None
         # one scaling for the whole group (the usual case: same r and alpha) is applied by the dA
         # and dX passes; different ones are folded into each layer's dY·B first
         scales = {s for _, _, _, _, s in group}
@@ -341,7 +440,9 @@ class _GroupedLoRA(torch.autograd.Function):
                 dx = tb.adapter_out(torch.cat([dybs[i] for i in split], dim=1),
                                     torch.cat([group[i][2] for i in split], dim=0),
                                     pass_scale, None, x.dtype)
-            for (base, bias, A, B, s), dy, path in zip(group, dys_used, paths):
+            for (base, bias, A, B, s), dy, path, u in zip(group, dys_used, paths, used):
+                if not u:
+                    continue
                 if path == "split":
                     w = tb._dequantized(base, dy.dtype, cast=True)
                 else:
@@ -349,8 +450,8 @@ class _GroupedLoRA(torch.autograd.Function):
                 dx = dy @ w if dx is None else dx.addmm_(dy, w)
         da_all = tb._da(torch.cat(dybs, dim=1), x, pass_scale, 0.0, 0, torch.float32)
         grads, off = [], 0
-        for (base, bias, A, B, s), db, dbias in zip(group, dBs, dbiases):
-            grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias]
+        for (base, bias, A, B, s), db, dbias, u in zip(group, dBs, dbiases, used):
+            grads += [da_all[off:off + A.shape[0]].to(A.dtype), db, dbias] if u else [None, None, None]
             off += A.shape[0]
         return (dx, None, None, *grads)
 
@@ -402,6 +503,8 @@ def grouped_call(x: Tensor, group: List[Tuple[Base, Optional[Tensor], Tensor, Te
         why = "torch.compile"
     elif _backend.select(x.device) != "triton":
         why = "backend is not triton"
+    elif any(kernel_issue(x, A, B) for _, _, A, B, _ in group):
+        why = next(kernel_issue(x, A, B) for _, _, A, B, _ in group if kernel_issue(x, A, B))
     else:
         from . import triton_backend as tb
 

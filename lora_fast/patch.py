@@ -70,7 +70,7 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"lora_fast.patch: {len(self.converted)} LoRA layers converted, {len(self.skipped)} skipped"]
         if self.fused:
-            lines[0] += f", {len(self.fused)} norm/MLP modules fused"
+            lines[0] += f", {len(self.fused)} norm/MLP/loss modules fused"
         by_reason = collections.defaultdict(list)
         for name, why in self.skipped.items():
             by_reason[why].append(name)
@@ -288,8 +288,18 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
 
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
         qs = w.quant_state
-    key = (id(w), w.data_ptr(), id(qs), w.device)
     cached = layer.__dict__.get("_lf_nf4_cache")
+    if torch.compiler.is_compiling():
+        # data pointers and the checks in NF4Tensor.from_bnb cannot be traced: take the view that
+        # patch() (or the last eager call) built, if it is on the weight's device
+        if cached is not None and cached[0][3] == w.device:
+            return cached[1]
+        raise RuntimeError(
+            f"lora_fast: torch.compile reached a patched 4-bit layer ({type(base_layer).__name__}) whose NF4 view "
+            f"was built for another device ({None if cached is None else cached[0][3]}, weight on {w.device}): "
+            "run one eager forward (or patch) after moving the model, then compile"
+        )
+    key = (id(w), w.data_ptr(), id(qs), w.device)
     if cached is not None and cached[0] == key:
         return cached[1]
     q = nf4_mod.NF4Tensor.from_bnb(w)
@@ -380,7 +390,7 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
     order.  ``report.groups`` lists the groups formed.
 
     ``fuse_ops=True`` (opt-in, not yet measured on a GPU: bench/NOTES.md) also swaps the model's
-    Llama-style RMSNorm and gated-SiLU MLP modules for fused kernels
+    Llama-style RMSNorm and gated-SiLU MLP modules, and a causal LM's loss, for fused kernels
     (:func:`lora_fast.norm_mlp.fuse_ops`); ``report.fused`` lists them and ``report.skipped``
     says why any such module was left alone.
     """
@@ -401,6 +411,9 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
             continue
         mod.__class__ = _patched_class(type(mod))
         mod.__dict__.pop("_lf_nf4_cache", None)
+        base = mod.get_base_layer()
+        if _is_bnb_4bit(base):
+            _nf4_operand(mod, base)  # built eagerly: torch.compile traces the cached view
         report.converted.append(name)
     if group_siblings:
         sets = SIBLING_SETS if group_siblings is True else [tuple(g) for g in group_siblings]
@@ -544,8 +557,9 @@ def apply_lora(
             raise TypeError(f"target module {path} is a {type(mod).__module__}.{type(mod).__name__}, "
                             f"not nn.Linear or an NF4 Linear4bit")
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # build every new layer first (they share the old tensors, changing nothing): a layer that
+    # cannot be converted (an fp4 Linear4bit, a bad rank) raises before the model is touched
+    built = []
     for path, mod in matches:
         if _is_bnb_4bit(mod):
             new = NF4LoRALinear.from_bnb(mod, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -554,6 +568,10 @@ def apply_lora(
             new = LoRALinear.from_linear(mod, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                          use_rslora=use_rslora)
         new.train(mod.training)
+        built.append((path, new))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, new in built:
         parent_name, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     for mod in model.modules():

@@ -133,6 +133,15 @@ def test_zeros_and_outliers(blocksize, double_quant, dtype):
     assert_matches_bnb(W.to(dtype), blocksize, double_quant)
 
 
+@pytest.mark.parametrize("scale", [1e-45, 1e-40, 3e-38])
+@pytest.mark.parametrize("K", [64, 100])
+def test_subnormal_weights(scale, K):
+    # the nested absmax is subnormal: its reciprocal is inf, 0 * inf = NaN (once crashed the LUT lookup)
+    W = torch.randn(4, K) * scale
+    W[2] = 0.0
+    assert_matches_bnb(W, 64, True)
+
+
 def test_many_blocks_nested():
     # > 256 absmax blocks: several nested blocks, the last one partial
     assert_matches_bnb(weight((300, 1000), torch.bfloat16), 64, True)
