@@ -225,6 +225,16 @@ KERNELS: List[KernelRow] = [
         variants=[_v(act, act, EMULATE_RNE=False) for act in ("bf16", "fp16", "fp32")],
     ),
     KernelRow(
+        "kernels.cross_entropy", "ce_fwd_kernel", "CE_CONFIGS",
+        variants=[_v(act, act, {"target_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"})
+                  for act in ("bf16", "fp16", "fp32")],
+    ),
+    KernelRow(
+        "kernels.cross_entropy", "ce_bwd_kernel", "CE_CONFIGS",
+        variants=[_v(act, act, {"target_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32"}, EMULATE_RNE=False)
+                  for act in ("bf16", "fp16", "fp32")],
+    ),
+    KernelRow(
         "kernels.lowrank", "dropout_mask_kernel", None, default_config={"BLOCK": "MASK_BLOCK"},
         variants=[_v("fp32", "fp32", {"out_ptr": "fp32"})],
     ),

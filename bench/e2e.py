@@ -134,7 +134,8 @@ STEP_CATEGORIES = (
     ("adapter (lora_fast kernels)", ("xa_kernel", "dy_pass_kernel", "da_kernel", "nf4_rows_kernel", "merge_kernel",
                                      "lora_gemm_kernel", "nf4_dequant_kernel", "nf4_lora_gemv", "lora_fast")),
     ("nf4 dequant (bitsandbytes)", ("kdequantize", "dequantize_blockwise", "kgemm_4bit", "gemv_4bit")),
-    ("lora_fast norm / SwiGLU", ("rmsnorm_fwd", "rmsnorm_bwd", "silu_mul_fwd", "silu_mul_bwd")),
+    ("lora_fast norm / SwiGLU / loss", ("rmsnorm_fwd", "rmsnorm_bwd", "silu_mul_fwd", "silu_mul_bwd", "ce_fwd",
+                                        "ce_bwd")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk")),
     ("elementwise / reduce / copy", ("elementwise", "reduce", "copy", "memcpy", "memset", "fill", "cat",
@@ -349,7 +350,7 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
                 f"{g_entry['ms_per_step']:8.1f} ms/step  loss {g_entry['losses'][-1]:.4f}")
         except Exception as exc:
             result["lora_fast_grouped"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    # (e) patch(fuse_ops=True): the Llama RMSNorm and gated-SiLU MLP modules on fused kernels too
+    # (e) patch(fuse_ops=True): the Llama RMSNorm, gated-SiLU MLP and loss on fused kernels too
     # (lora_fast/norm_mlp.py; opt-in until this row shows the gain predicted in bench/NOTES.md)
     if entry.get("status") == "ok" and method == "lora_fast.patch":
         try:
@@ -361,7 +362,7 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
             after = dict(lora_fast.dispatch_stats())
             f_entry["fused_modules"] = len(rep.fused)
             f_entry["dispatch"] = {k: v - before.get(k, 0) for k, v in after.items()
-                                   if v - before.get(k, 0) > 0 and ("rms_norm" in k or "silu_mul" in k)}
+                                   if v - before.get(k, 0) > 0 and ("rms_norm" in k or "silu_mul" in k or "cross_entropy" in k)}
             result["lora_fast_fused"] = f_entry
             log(f"e2e      lora_fast (fuse_ops): {f_entry['tokens_per_s']:10.0f} tok/s  "
                 f"{f_entry['ms_per_step']:8.1f} ms/step  peak "

@@ -325,7 +325,7 @@ def render(res: Dict, profile) -> str:
         fu = e2e.get("lora_fast_fused") or {}
         if fu.get("status") == "ok":
             pa = (e2e.get("peft_bnb") or {}).get("tokens_per_s")
-            lines.append(f"lora_fast with patch(fuse_ops=True) ({fu.get('fused_modules')} norm/MLP modules fused): "
+            lines.append(f"lora_fast with patch(fuse_ops=True) ({fu.get('fused_modules')} norm/MLP/loss modules fused): "
                          f"{fu['tokens_per_s']:.0f} tokens/s, {fu['ms_per_step']:.1f} ms/step"
                          + (f" ({fu['tokens_per_s'] / pa:.3f}x peft_bnb)" if pa else "")
                          + ("" if fu.get("peak_GB") is None else f", peak {fu['peak_GB']:.2f} GB")

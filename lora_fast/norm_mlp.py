@@ -1,4 +1,5 @@
-"""Fused RMSNorm and gated-SiLU MLP for Llama-family decoders, and the model patch that uses them.
+"""Fused RMSNorm, gated-SiLU MLP and causal-LM loss for Llama-family models, and the model patch
+that uses them.
 
 A QLoRA step spends GPU time outside the LoRA layers too.  Hugging Face's ``LlamaRMSNorm``
 runs as ~7 elementwise kernels forward and ~12 backward over fp32 copies of the hidden state,
@@ -8,6 +9,12 @@ place, for one Triton kernel per pass (``kernels/rmsnorm.py``, ``kernels/swiglu.
 
     rms_norm(x (..., N), weight (N,), eps) -> (..., N) in promote(weight.dtype, x.dtype)
     silu_mul(g (...), u (...))              -> silu(g) * u, same shape and dtype
+    cross_entropy(logits (M, V), target (M,), num_items_in_batch=None, ignore_index=-100) -> fp32 ()
+
+The causal-LM loss (``ForCausalLMLoss``) upcasts the logits to an fp32 copy and runs
+log-softmax and NLL over it, forward and backward; :func:`cross_entropy` reads the logits once
+each way and writes only their gradient (``causal_lm_loss`` is installed as the model's
+``loss_function``, an instance attribute; the class is untouched).
 
 with Hugging Face's rounding points (bench/NOTES.md: "Fused RMSNorm and SwiGLU" has the bytes
 each moves and the predicted gain).  Only modules whose ``forward`` is, line for line, Llama's
@@ -32,7 +39,8 @@ from .patch import PatchReport
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "silu_mul", "fuse_ops", "unfuse_ops", "rms_norm_reference", "silu_mul_reference"]
+__all__ = ["rms_norm", "silu_mul", "cross_entropy", "causal_lm_loss", "fuse_ops", "unfuse_ops",
+           "rms_norm_reference", "silu_mul_reference", "cross_entropy_reference"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -228,6 +236,100 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# causal-LM cross entropy
+# --------------------------------------------------------------------------------------------
+
+def cross_entropy_reference(logits: Tensor, target: Tensor, num_items_in_batch=None, ignore_index: int = -100) -> Tensor:
+    """Hugging Face's ``fixed_cross_entropy`` on ``logits.float()``."""
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class _CESumFn(torch.autograd.Function):
+    """Σ over rows of the per-row cross entropy (fp32 0-d); backward writes d(logits) in the
+    logits' dtype, scaled by the incoming gradient read on the device (no host sync)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index):
+        k = kernel_module("cross_entropy")
+        m, v = logits.shape
+        loss = torch.empty((m,), dtype=torch.float32, device=logits.device)
+        lse = torch.empty((m,), dtype=torch.float32, device=logits.device)
+        if m:
+            launch(k.ce_fwd_kernel, (m,), logits, target, loss, lse, v, logits.stride(0), int(ignore_index),
+                   BLOCK_V=k.CE_BLOCK, num_warps=k.CE_WARPS, num_stages=1)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.ignore_index = int(ignore_index)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        k = kernel_module("cross_entropy")
+        logits, target, lse = ctx.saved_tensors
+        m, v = logits.shape
+        dx = torch.empty((m, v), dtype=logits.dtype, device=logits.device)
+        if m:
+            g = g.to(torch.float32).reshape(1)
+            launch(k.ce_bwd_kernel, (m,), logits, target, lse, g, dx, v, logits.stride(0), dx.stride(0),
+                   ctx.ignore_index, BLOCK_V=k.CE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.CE_WARPS,
+                   num_stages=1)
+        return dx, None, None
+
+
+def cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch=None, ignore_index: int = -100) -> Tensor:
+    """Cross entropy of ``logits`` (M, V) fp16/bf16/fp32 against ``target`` (M,) int, as Hugging
+    Face computes it (``F.cross_entropy(logits.float(), target, ignore_index)``: the mean over
+    non-ignored rows, or the sum divided by ``num_items_in_batch`` when given), in one pass over
+    the logits each way and without an fp32 copy of them.  A target outside [0, V) that is not
+    ``ignore_index`` makes the loss NaN (PyTorch raises on the CPU and asserts on the GPU)."""
+    if logits.dim() != 2 or target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"cross_entropy: logits must be (M, V) and target (M,), got {tuple(logits.shape)} "
+                         f"and {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"cross_entropy: logits on {logits.device} but target on {target.device}")
+    if torch.compiler.is_compiling() or not _triton_on(logits.device):
+        return cross_entropy_reference(logits, target, num_items_in_batch, ignore_index)
+    if logits.dtype not in _FLOAT or target.dtype not in (torch.int64, torch.int32):
+        _fallback("cross_entropy", f"logits {logits.dtype} / target {target.dtype} "
+                                   "(the kernel takes fp16/bf16/fp32 logits and int32/int64 targets)")
+        return cross_entropy_reference(logits, target, num_items_in_batch, ignore_index)
+    _backend.record("triton", "cross_entropy")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    total = _CESumFn.apply(logits, target.contiguous(), int(ignore_index))
+    if num_items_in_batch is None:
+        return total / (target != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """Drop-in for transformers' ``ForCausalLMLoss`` (what :func:`fuse_ops` installs as a causal
+    LM's ``loss_function``): labels shifted by one, then :func:`cross_entropy`."""
+    if shift_labels is None:
+        labels = F.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:].contiguous()
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return cross_entropy(logits, shift_labels, num_items_in_batch, ignore_index)
+
+
+def _hf_causal_lm_loss():
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except Exception:  # transformers without the loss registry (< 4.46)
+        return None
+    return ForCausalLMLoss
+
+
+# --------------------------------------------------------------------------------------------
 # the model patch
 # --------------------------------------------------------------------------------------------
 
@@ -354,7 +456,9 @@ def _is_mlp_candidate(mod: nn.Module) -> bool:
 
 def fuse_ops(model: nn.Module) -> PatchReport:
     """Swap, in place, the RMSNorm and gated-SiLU MLP modules of a Llama-family ``model`` for the
-    fused kernels (state dicts, parameters and hooks are untouched: only the class changes).
+    fused kernels (state dicts, parameters and hooks are untouched: only the class changes), and
+    set a transformers ``*ForCausalLM``'s ``loss_function`` to :func:`causal_lm_loss` (``.loss_function``
+    in the report) unless it already has a custom one.
 
     Works on a plain ``transformers`` model, a PEFT model, or one patched by
     :func:`lora_fast.patch` (``patch(model, fuse_ops=True)`` calls this).  Returns a
@@ -362,8 +466,21 @@ def fuse_ops(model: nn.Module) -> PatchReport:
     named ``*RMSNorm`` or holding gate/up/down projections whose forward is not Llama's.
     :func:`unfuse_ops` undoes it."""
     report = PatchReport()
+    hf_loss = _hf_causal_lm_loss()
     for name, mod in model.named_modules():
         cls = type(mod)
+        if hf_loss is not None and isinstance(getattr(cls, "loss_function", None), property):
+            # a transformers model: its causal-LM loss (instance attribute; the class is untouched)
+            fn = mod.__dict__.get("_loss_function")
+            label = f"{name}.loss_function" if name else "loss_function"
+            if fn is causal_lm_loss:
+                report.converted.append(label)
+            elif fn is None and getattr(mod, "loss_type", None) in (None, "ForCausalLM") \
+                    and _safe_loss_function(mod) is hf_loss and _is_causal_lm(mod):
+                mod.loss_function = causal_lm_loss
+                report.converted.append(label)
+            elif fn is not None and _is_causal_lm(mod):
+                report.skipped[label] = "a custom loss_function is set: left alone"
         if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
             report.converted.append(name)
             continue
@@ -383,10 +500,27 @@ def fuse_ops(model: nn.Module) -> PatchReport:
     return report
 
 
+def _safe_loss_function(mod: nn.Module):
+    try:
+        return mod.loss_function
+    except Exception:
+        return None
+
+
+def _is_causal_lm(mod: nn.Module) -> bool:
+    """A transformers ``*ForCausalLM`` model (the ones whose forward calls ``self.loss_function``
+    with logits and labels as ForCausalLMLoss expects)."""
+    return type(mod).__name__.endswith("ForCausalLM")
+
+
 def unfuse_ops(model: nn.Module) -> List[str]:
-    """Give every module converted by :func:`fuse_ops` its class back; returns their names."""
+    """Give every module converted by :func:`fuse_ops` its class (and a causal LM its loss
+    function) back; returns their names."""
     restored = []
     for name, mod in model.named_modules():
+        if mod.__dict__.get("_loss_function") is causal_lm_loss:
+            del mod.__dict__["_loss_function"]
+            restored.append(f"{name}.loss_function" if name else "loss_function")
         if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
             mod.__class__ = mod._lf_fused_orig
             restored.append(name)

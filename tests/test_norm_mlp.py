@@ -179,7 +179,7 @@ def _batch(seed=0, seq=12):
     return {"input_ids": ids, "labels": ids}
 
 
-FUSED_NAMES = ["model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+FUSED_NAMES = ["loss_function", "model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
                "model.layers.1.mlp", "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
                "model.norm"]
 
@@ -296,7 +296,7 @@ def test_patch_with_fuse_ops_trains_like_peft(monkeypatch):
     plain, fast = make(), make()
     report = lora_fast.patch(fast, fuse_ops=True)
     assert len(report.converted) == 14 and sorted(report.fused) == sorted("base_model.model." + n for n in FUSED_NAMES)
-    assert "7 norm/MLP modules fused" in str(report)
+    assert "8 norm/MLP/loss modules fused" in str(report)
     losses = []
     for model in (plain, fast):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -310,7 +310,7 @@ def test_patch_with_fuse_ops_trains_like_peft(monkeypatch):
         losses.append(curve)
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
     restored = lora_fast.unpatch(fast)
-    assert len(restored) == 14 + 7
+    assert len(restored) == 14 + 8
     assert not any(isinstance(m, (norm_mlp._FusedMLP, norm_mlp._FusedRMSNorm)) for m in fast.modules())
 
 
@@ -348,3 +348,91 @@ def test_launcher_configs_are_the_compile_checked_ones(backward, has_dw):
         c = k.norm_config(n, backward=backward, has_dw=has_dw)
         assert (tuple(sorted(c.kwargs.items())), c.num_warps) in keys, (n, c)
         assert c.kwargs["SINGLE"] == (n <= c.kwargs["BLOCK_N"])
+
+
+# --------------------------------------------------------------------------------------------
+# causal-LM cross entropy
+# --------------------------------------------------------------------------------------------
+
+from lora_fast.norm_mlp import causal_lm_loss, cross_entropy, cross_entropy_reference  # noqa: E402
+
+CE_SHAPES = [(1, 5), (37, 300), (6, 4097), (3, 9000)] + ([(4096, 32000), (512, 128256)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("num_items", [None, "int", "tensor"])
+def test_cross_entropy_parity(dtype, shape, num_items, triton_backend):
+    m, v = shape
+    logits = (torch.randn(m, v, device=DEV) * 3).to(dtype)
+    target = torch.randint(0, v, (m,), device=DEV)
+    target[::3] = -100  # ignored rows
+    if m == 1:
+        target[0] = 2
+    n = {None: None, "int": 7, "tensor": torch.tensor(7, device=DEV)}[num_items]
+    lk, lr = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got, want = cross_entropy(lk, target, n), cross_entropy_reference(lr, target, n)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    got.backward(torch.tensor(1.7, device=DEV))
+    want.backward(torch.tensor(1.7, device=DEV))
+    l64 = logits.double().requires_grad_()
+    ref64 = torch.nn.functional.cross_entropy(l64, target, reduction="sum" if n is not None else "mean")
+    if n is not None:
+        ref64 = ref64 / 7
+    (ref64 * 1.7).backward()
+    assert_parity(lk.grad, l64.grad, lr.grad, dtype=dtype, what="dlogits")
+    assert (lk.grad[target == -100] == 0).all()
+    assert lora_fast.dispatch_stats().get("triton:cross_entropy", 0) == 1
+
+
+def test_cross_entropy_edges(triton_backend):
+    logits = torch.randn(4, 10, device=DEV)
+    all_ignored = torch.full((4,), -100, device=DEV)
+    assert torch.isnan(cross_entropy(logits, all_ignored)) and torch.isnan(cross_entropy_reference(logits, all_ignored))
+    bad = torch.tensor([1, 2, 10, 3], device=DEV)  # 10 is outside the vocabulary
+    assert torch.isnan(cross_entropy(logits, bad))
+    with pytest.raises(ValueError, match=r"logits must be \(M, V\)"):
+        cross_entropy(logits.view(2, 2, 10), bad)
+    inf_row = logits.clone()
+    inf_row[0, :5] = float("-inf")  # masked vocabulary entries
+    tgt = torch.tensor([7, 2, 3, 4], device=DEV)
+    torch.testing.assert_close(cross_entropy(inf_row, tgt), cross_entropy_reference(inf_row, tgt))
+
+
+def test_causal_lm_loss_matches_transformers(triton_backend):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.randn(2, 9, 50, device=DEV, dtype=torch.float16)
+    labels = torch.randint(0, 50, (2, 9), device=DEV)
+    labels[0, :3] = -100
+    for kw in ({}, {"num_items_in_batch": 11}, {"shift_labels": torch.roll(labels, -1, 1)}):
+        torch.testing.assert_close(causal_lm_loss(logits, labels, 50, **kw), ForCausalLMLoss(logits, labels, 50, **kw),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_ops_installs_the_loss_and_trains_the_same(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    ref = _llama()
+    fused = copy.deepcopy(ref)
+    report = lora_fast.fuse_ops(fused)
+    assert "loss_function" in report.converted and fused.loss_function is causal_lm_loss
+    lora_fast.dispatch_stats(reset=True)
+    b = _batch()
+    lr, lf = ref(**b).loss, fused(**b).loss
+    torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-5)
+    lr.backward()
+    lf.backward()
+    gr, gf = _grads(ref), _grads(fused)
+    for k in gr:
+        torch.testing.assert_close(gf[k], gr[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert lora_fast.dispatch_stats().get("triton:cross_entropy", 0) == 1
+    assert "loss_function" in lora_fast.unfuse_ops(fused)
+    assert "_loss_function" not in fused.__dict__
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    assert fused.loss_function is ForCausalLMLoss
+    # a model with its own loss function keeps it
+    custom = copy.deepcopy(ref)
+    custom.loss_function = lambda *a, **k: torch.tensor(0.0)
+    report = lora_fast.fuse_ops(custom)
+    assert "custom loss_function" in report.skipped["loss_function"]
