@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session of lora_fast on the lent machine: install, parity tests, CUDA self-check,
-# benchmark.  Usage: bash bench/gpu_run.sh [tests] [breakdown] [numerics] [cuda] [cudavar] [bench ARGS...]
+# benchmark.  Usage: bash bench/gpu_run.sh [tests] [breakdown] [numerics] [cuda] [cudavar] [e2e32] [bench ARGS...]
 # bitsandbytes travels unpacked in .whl/site (the machine cannot reach a registry).
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_fast_gpu}; mkdir -p "$OUT"
@@ -27,6 +27,8 @@ while [ $# -gt 0 ]; do
       cp /tmp/gemv_orig.cu csrc/nf4_lora_gemv.cu ;;
     numerics) shift; timeout "${NUMERICS_TIMEOUT:-240}" python3 -m bench.e2e_numerics --json "$OUT/e2e_numerics.json" ${NUMERICS_ARGS:-} 2>&1 | tee "$OUT/e2e_numerics.log" | tail -30 ;;
     cuda) shift; timeout "${CUDA_TIMEOUT:-180}" python3 bench/cuda_selfcheck.py 2>&1 | tee "$OUT/cuda_selfcheck.log" | tail -30 ;;
+    e2e32) shift  # issue 6's second setting: 32 Llama-2-7B layers, gradient checkpointing, batch 1x2048
+      timeout "${E2E32_TIMEOUT:-400}" python3 -m bench --profile rtx3060 --cases e2e --out "$OUT/bench_e2e32" 2>&1 | tee "$OUT/e2e32.log" | tail -20 ;;
     bench) shift; timeout "${BENCH_TIMEOUT:-570}" python3 -m bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60; break ;;
     *) echo "unknown stage $1"; exit 2 ;;
   esac

@@ -8,6 +8,7 @@ visible through :func:`dispatch_stats`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import threading
@@ -124,3 +125,32 @@ def select(device: torch.device, *, need_cuda_kernel: bool = False) -> str:
     warn_once(f"auto-fallback:{why}", f"lora_fast: falling back to the PyTorch reference backend: {why}")
     record("torch", f"fallback({why})")
     return "torch"
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` when ``device`` is a CUDA device other than the current one:
+    Triton launches on the current device and its stream, so tensors on ``cuda:1`` (a model split
+    over GPUs by a device map) must make ``cuda:1`` current first."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def graph_backward(ref_fn, inputs, grad_outputs, op: str):
+    """A kernel's backward reached with ``create_graph=True`` (grad mode on inside backward):
+    recompute the op with differentiable PyTorch (``ref_fn(*inputs)``) and differentiate that, so
+    higher-order gradients are right.  The kernels' own backward is not differentiable.  Slow
+    path: warned once and counted.  Returns one gradient (or None) per input."""
+    why = "double backward (create_graph=True)"
+    warn_once(f"{op}:{why}", f"lora_fast: {op}: {why} runs a differentiable PyTorch backward (slower)")
+    record("torch", f"{op}_{why}")
+    ins = [t if (t is None or t.requires_grad) else t.detach() for t in inputs]
+    with torch.enable_grad():
+        out = ref_fn(*ins)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        wrt = [t for t in ins if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        gs = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                 allow_unused=True) if wrt and pairs else [None] * len(wrt)
+    it = iter(gs)
+    return tuple(next(it) if (t is not None and t.requires_grad) else None for t in ins)

@@ -169,6 +169,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     key = _key(info, bound)
     key += tuple(bound[n] for n in info.tune_keys if n in bound)
     key += tuple(options)
+    key += (torch.cuda.current_device(),)  # a compiled kernel is loaded per device
     entry = info.table.get(key)
     if entry is not None:
         cfg, kernels = entry

@@ -25,6 +25,7 @@ reference expressions run; under ``torch.compile`` too (Inductor fuses them itse
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +36,7 @@ from torch import nn
 from . import _backend
 from ._launch import launch
 from ._operand import kernel_module
-from .patch import PatchReport
+from .patch import PatchReport, swap_class
 
 Tensor = torch.Tensor
 
@@ -149,15 +150,22 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x2, weight, eps, out_dtype):
         y, rstd = _rms_fwd(x2, weight, eps, out_dtype)
         ctx.save_for_backward(x2, weight, rstd)
+        ctx.eps, ctx.out_dtype = eps, out_dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True
+            x2, weight, _ = ctx.saved_tensors
+            eps, out_dtype = ctx.eps, ctx.out_dtype
+            return _backend.graph_backward(lambda x, w: rms_norm_reference(x, w, eps).to(out_dtype),
+                                           (x2, weight), (dy,), "rms_norm") + (None, None)
         x2, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        dx, dw = _rms_bwd(dy, x2, weight, rstd, need_dw)
+        with _backend.device_guard(x2.device):
+            dx, dw = _rms_bwd(dy, x2, weight, rstd, need_dw)
         return (dx if need_dx else None), dw, None, None
 
 
@@ -169,11 +177,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("rms_norm expects tensors for x and weight")
     n = x.shape[-1] if x.dim() else 0
-    if weight.dim() != 1 or weight.shape[0] != n:
+    if weight.dim() != 1 or weight.shape[0] not in (n, 1):
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, the input's last dim is {n}: need ({n},)")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: input is on {x.device} but the weight is on {weight.device}")
-    if torch.compiler.is_compiling() or not _triton_on(x.device):
+    if torch.compiler.is_compiling() or not _triton_on(x.device) or n == 0:
         return rms_norm_reference(x, weight, eps)
     if x.dtype not in _FLOAT or weight.dtype not in _FLOAT:
         _fallback("rms_norm", f"dtype {x.dtype} / weight {weight.dtype} (kernels take fp16, bf16, fp32)")
@@ -182,8 +190,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if weight.shape[0] != n:  # a (1,) gain broadcast over the row (autograd sums its gradient back)
+        weight = weight.expand(n)
+    if weight.stride(0) != 1:  # the kernels read the weight as contiguous
+        weight = weight.contiguous()
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    return _RMSNormFn.apply(x2, weight, float(eps), out_dtype).view(*x.shape[:-1], n)
+    with _backend.device_guard(x.device):
+        y = _RMSNormFn.apply(x2, weight, float(eps), out_dtype)
+    return y.view(*x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,13 +221,16 @@ class _SiluMulFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
+        if torch.is_grad_enabled():  # create_graph=True
+            return _backend.graph_backward(silu_mul_reference, ctx.saved_tensors, (dh,), "silu_mul")
         k = kernel_module("swiglu")
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         if g.numel():
-            launch(k.silu_mul_bwd_kernel, _grid(g.numel(), k.ELTWISE_BLOCK), dh, g, u, dg, du, g.numel(),
-                   BLOCK=k.ELTWISE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.ELTWISE_WARPS, num_stages=1)
+            with _backend.device_guard(g.device):
+                launch(k.silu_mul_bwd_kernel, _grid(g.numel(), k.ELTWISE_BLOCK), dh, g, u, dg, du, g.numel(),
+                       BLOCK=k.ELTWISE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.ELTWISE_WARPS, num_stages=1)
         need = ctx.needs_input_grad
         return (dg if need[0] else None), (du if need[1] else None)
 
@@ -232,7 +249,8 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
                               "(the kernel takes equal shapes and one fp16/bf16/fp32 dtype)")
         return silu_mul_reference(g, u)
     _backend.record("triton", "silu_mul")
-    return _SiluMulFn.apply(g.contiguous(), u.contiguous())
+    with _backend.device_guard(g.device):
+        return _SiluMulFn.apply(g.contiguous(), u.contiguous())
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,15 +287,22 @@ class _CESumFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True
+            logits, target, _ = ctx.saved_tensors
+            ii = ctx.ignore_index
+            return _backend.graph_backward(
+                lambda lg: F.cross_entropy(lg.float(), target, ignore_index=ii, reduction="sum"), (logits,), (g,),
+                "cross_entropy") + (None, None)
         k = kernel_module("cross_entropy")
         logits, target, lse = ctx.saved_tensors
         m, v = logits.shape
         dx = torch.empty((m, v), dtype=logits.dtype, device=logits.device)
         if m:
             g = g.to(torch.float32).reshape(1)
-            launch(k.ce_bwd_kernel, (m,), logits, target, lse, g, dx, v, logits.stride(0), dx.stride(0),
-                   ctx.ignore_index, BLOCK_V=k.CE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.CE_WARPS,
-                   num_stages=1)
+            with _backend.device_guard(logits.device):
+                launch(k.ce_bwd_kernel, (m,), logits, target, lse, g, dx, v, logits.stride(0), dx.stride(0),
+                       ctx.ignore_index, BLOCK_V=k.CE_BLOCK, EMULATE_RNE=_interpreting(), num_warps=k.CE_WARPS,
+                       num_stages=1)
         return dx, None, None
 
 
@@ -301,7 +326,8 @@ def cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch=None, ignor
     _backend.record("triton", "cross_entropy")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    total = _CESumFn.apply(logits, target.contiguous(), int(ignore_index))
+    with _backend.device_guard(logits.device):
+        total = _CESumFn.apply(logits, target.contiguous(), int(ignore_index))
     if num_items_in_batch is None:
         return total / (target != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -378,7 +404,7 @@ _LLAMA_MLP = (
 
 def _is_silu(act) -> bool:
     if isinstance(act, nn.SiLU):
-        return True
+        return type(act).forward is nn.SiLU.forward  # a subclass may compute something else
     if type(act).__name__ == "SiLUActivation":
         return _body(type(act).forward) in (("return nn.functional.silu(input)",), ("return F.silu(input)",))
     return act is F.silu
@@ -395,16 +421,28 @@ class _FusedMLP:
     _lf_fused_orig: type
 
     def forward(self, x: Tensor) -> Tensor:
+        act = self.act_fn
+        if act._forward_hooks or act._forward_pre_hooks:  # hooks on act_fn must still see it run
+            return self._lf_fused_orig.forward(self, x)
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 _FUSED: Dict[type, type] = {}
 _PREFIX = "LoraFastFused__"
-_SEP = "__C__"
+_SEP = "__"
+
+
+def _enc(text: str) -> str:
+    """Reversible: '_' -> '_u', '.' -> '_d' (so an encoded part never contains '__')."""
+    return text.replace("_", "_u").replace(".", "_d")
+
+
+def _dec(text: str) -> str:
+    return re.sub(r"_([ud])", lambda m: "_" if m.group(1) == "u" else ".", text)
 
 
 def _class_name(orig: type) -> str:
-    return _PREFIX + orig.__module__.replace(".", "_o_") + _SEP + orig.__qualname__.replace(".", "_o_")
+    return _PREFIX + _enc(orig.__module__) + _SEP + _enc(orig.__qualname__)
 
 
 def _fused_class(orig: type, mixin: type) -> type:
@@ -421,9 +459,11 @@ def __getattr__(name: str):  # importable by name (pickling a fused model): rebu
     if name.startswith(_PREFIX):
         import importlib
 
-        mod, _, qual = name[len(_PREFIX):].rpartition(_SEP)
-        obj = importlib.import_module(mod.replace("_o_", "."))
-        for part in qual.split("_o_"):
+        mod, sep, qual = name[len(_PREFIX):].partition(_SEP)
+        if not sep:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        obj = importlib.import_module(_dec(mod))
+        for part in _dec(qual).split("."):
             obj = getattr(obj, part)
         return _fused_class(obj, _FusedRMSNorm if _rmsnorm_reason(obj, None) is None else _FusedMLP)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -445,8 +485,11 @@ def _rmsnorm_reason(cls: type, mod: Optional[nn.Module]) -> Optional[str]:
 def _mlp_reason(mod: nn.Module) -> Optional[str]:
     if _body(type(mod).forward) not in _LLAMA_MLP:
         return "forward differs from LlamaMLP's down_proj(act_fn(gate_proj(x)) * up_proj(x))"
-    if not _is_silu(getattr(mod, "act_fn", None)):
-        return f"activation {type(getattr(mod, 'act_fn', None)).__name__} is not SiLU"
+    act = getattr(mod, "act_fn", None)
+    if not _is_silu(act):
+        return f"activation {type(act).__name__} is not SiLU"
+    if act._forward_hooks or act._forward_pre_hooks:
+        return "act_fn has forward hooks (the fused kernel would bypass them)"
     return None
 
 
@@ -492,10 +535,11 @@ def fuse_ops(model: nn.Module) -> PatchReport:
             mixin = _FusedMLP
         else:
             continue
+        if why is None:
+            why = swap_class(mod, _fused_class(cls, mixin))
         if why is not None:
             report.skipped[name] = f"{cls.__name__}: {why}"
             continue
-        mod.__class__ = _fused_class(cls, mixin)
         report.converted.append(name)
     return report
 
@@ -522,6 +566,6 @@ def unfuse_ops(model: nn.Module) -> List[str]:
             del mod.__dict__["_loss_function"]
             restored.append(f"{name}.loss_function" if name else "loss_function")
         if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
-            mod.__class__ = mod._lf_fused_orig
+            swap_class(mod, mod._lf_fused_orig)
             restored.append(name)
     return restored

@@ -130,12 +130,12 @@ def _autocast_off(device: torch.device):
 
 
 def _forward_impl(x, base: Base, bias, A, B, scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
-    with _autocast_off(x.device):
+    with _autocast_off(x.device), _backend.device_guard(x.device):
         return _forward_run(x, base, bias, A, B, scaling, dropout_p, seed)
 
 
 def _backward_impl(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
-    with _autocast_off(dy.device):
+    with _autocast_off(dy.device), _backend.device_guard(dy.device):
         return _backward_run(dy, x, xa, base, A, B, scaling, dropout_p, seed, flags)
 
 
@@ -171,6 +171,21 @@ def _backward_run(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float,
     return ref.backward(dy, x, xa, _dense(base, dy.dtype), A, B, scaling, mask, flags)
 
 
+def _reference_fn(base: Base, scaling: float, dropout_p: float, seed: int):
+    """The layer as differentiable PyTorch (same dropout mask), for a double backward."""
+
+    def fn(x, A, B, bias):
+        dt = x.dtype
+        w = _dense(base, dt).to(dt)
+        xd = x
+        if dropout_p > 0:
+            xd = x * ref.dropout_scale_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(dt)
+        y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(dt))
+        return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt))
+
+    return fn
+
+
 class _EagerLoRA(torch.autograd.Function):
     """The eager path: the same implementations as the custom ops without their dispatch
     machinery, which costs ~250 µs of CPU per call (measured on this repo's CPU machine) --
@@ -182,11 +197,15 @@ class _EagerLoRA(torch.autograd.Function):
         ctx.save_for_backward(x, xa, A, B)
         ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed = base, scaling, dropout_p, seed
         ctx.has_bias = bias is not None
+        ctx.bias = bias
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, xa, A, B = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' backward is not differentiable
+            return _backend.graph_backward(_reference_fn(ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed),
+                                           (x, A, B, ctx.bias), (dy,), "lora_linear") + (None,) * 4
         need = ctx.needs_input_grad
         flags = [need[0], need[1], need[2], ctx.has_bias and need[3]]
         if dy.stride(-1) != 1:
@@ -385,6 +404,11 @@ class _GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, paths, *params):
+        with _autocast_off(x.device), _backend.device_guard(x.device):
+            return _GroupedLoRA._forward(ctx, x, group, paths)
+
+    @staticmethod
+    def _forward(ctx, x, group, paths):
         from . import triton_backend as tb
 
         # the XA kernel casts A to x's dtype in registers: the stacked factors need no host cast
@@ -408,9 +432,17 @@ class _GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
+        if torch.is_grad_enabled():
+            raise RuntimeError("lora_fast.lora_linear_grouped: double backward (create_graph=True) is not supported; "
+                               "call the layers one by one (or patch without group_siblings)")
+        x, xa_all = ctx.saved_tensors  # unpacked once (checkpointing allows no second unpack)
+        with _autocast_off(x.device), _backend.device_guard(x.device):
+            return _GroupedLoRA._backward(ctx, x, xa_all, *dys)
+
+    @staticmethod
+    def _backward(ctx, x, xa_all, *dys):
         from . import triton_backend as tb
 
-        x, xa_all = ctx.saved_tensors
         group, paths = ctx.group, ctx.paths
         _backend.record("triton", f"bwd_grouped{len(group)}_{'+'.join(sorted(set(paths)))}")
         dybs, dBs, dbiases, dys_used = [], [], [], []

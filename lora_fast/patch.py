@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -309,6 +310,30 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     return op
 
 
+def swap_class(mod: nn.Module, new_cls: type) -> Optional[str]:
+    """Give ``mod`` the class ``new_cls`` (a subclass of its class, or back), keeping a forward
+    that was replaced on the instance working: accelerate's hooks (``dispatch_model``, CPU/disk
+    offload) keep the class's bound ``forward`` in ``_old_forward`` and call it, so it is
+    re-bound to the new class.  Returns why the swap cannot take effect (None: done)."""
+    old_cls = type(mod)
+    d = mod.__dict__
+    rebind = []
+    for attr in ("_old_forward", "forward"):
+        f = d.get(attr)
+        if f is None:
+            continue
+        if getattr(f, "__self__", None) is mod and getattr(f, "__func__", None) is old_cls.forward:
+            rebind.append(attr)
+        elif attr == "forward" and "_old_forward" in d:
+            continue  # accelerate's wrapper: it calls _old_forward
+        else:
+            return f"its forward is replaced on the instance ({attr}={f!r:.80}), which a class swap would not reach"
+    mod.__class__ = new_cls
+    for attr in rebind:
+        d[attr] = types.MethodType(new_cls.forward, mod)
+    return None
+
+
 def _patched_class(orig: type) -> type:
     cls = _PATCHED.get(orig)
     if cls is None:
@@ -406,10 +431,11 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
             report.converted.append(name)
             continue
         why = _skip_reason(mod)
+        if why is None:
+            why = swap_class(mod, _patched_class(type(mod)))
         if why is not None:
             report.skipped[name] = why
             continue
-        mod.__class__ = _patched_class(type(mod))
         mod.__dict__.pop("_lf_nf4_cache", None)
         base = mod.get_base_layer()
         if _is_bnb_4bit(base):
@@ -475,7 +501,7 @@ def unpatch(model: nn.Module) -> List[str]:
     restored = unfuse_ops(model)
     for name, mod in model.named_modules():
         if isinstance(mod, _FastForwardMixin):
-            mod.__class__ = mod._lf_orig_cls
+            swap_class(mod, mod._lf_orig_cls)
             mod.__dict__.pop("_lf_nf4_cache", None)
             restored.append(name)
     return restored

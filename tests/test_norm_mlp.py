@@ -436,3 +436,128 @@ def test_fuse_ops_installs_the_loss_and_trains_the_same(monkeypatch):
     custom.loss_function = lambda *a, **k: torch.tensor(0.0)
     report = lora_fast.fuse_ops(custom)
     assert "custom loss_function" in report.skipped["loss_function"]
+
+
+# --------------------------------------------------------------------------------------------
+# found by review (session 5): each failed before its fix
+# --------------------------------------------------------------------------------------------
+
+def test_rms_norm_strided_broadcast_and_empty_weights(triton_backend):
+    x = torch.randn(5, 8, device=DEV)
+    big = torch.rand(8, 2, device=DEV) + 0.5
+    for w in (big[:, 0], torch.tensor([2.0], device=DEV).expand(8), torch.tensor([1.5], device=DEV)):
+        torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    w1 = torch.tensor([1.5], device=DEV, requires_grad=True)
+    rms_norm(x, w1, 1e-6).sum().backward()
+    w2 = torch.tensor([1.5], device=DEV, requires_grad=True)
+    rms_norm_reference(x, w2, 1e-6).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
+    assert rms_norm(torch.randn(4, 0, device=DEV), torch.ones(0, device=DEV), 1e-6).shape == (4, 0)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "silu_mul", "cross_entropy", "lora_linear"])
+def test_double_backward_is_right(op, triton_backend):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 8, device=DEV)
+    w = torch.rand(8, device=DEV) + 0.5
+    tgt = torch.tensor([1, 2, 3], device=DEV)
+    lin = LoRALinear_for_test(w)
+    fns = {
+        "rms_norm": (lambda x: rms_norm(x, w, 1e-6), lambda x: rms_norm_reference(x, w, 1e-6)),
+        "silu_mul": (lambda x: silu_mul(x, x0 * 2), lambda x: silu_mul_reference(x, x0 * 2)),
+        "cross_entropy": (lambda x: cross_entropy(x, tgt), lambda x: cross_entropy_reference(x, tgt)),
+        "lora_linear": (lin, lambda x: lin.reference(x)),
+    }[op]
+    out = []
+    for f in fns:
+        x = x0.clone().requires_grad_()
+        y = f(x) + x.pow(3).sum()  # another differentiable path keeps the graph alive
+        g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        gg, = torch.autograd.grad(g.sum(), x)
+        out.append(gg)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    assert any("create_graph" in k for k in lora_fast.dispatch_stats())
+
+
+class LoRALinear_for_test(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        torch.manual_seed(1)
+        self.layer = lora_fast.LoRALinear.from_linear(nn.Linear(8, 8, device=DEV), r=2)
+        with torch.no_grad():
+            self.layer.lora_B.normal_()
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def reference(self, x):
+        l = self.layer
+        return torch.nn.functional.linear(x, l.weight, l.bias) + l.scaling * (x @ l.lora_A.t()) @ l.lora_B.t()
+
+
+def test_fuse_ops_respects_act_fn_hooks_and_silu_subclasses(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    model = _llama(layers=1)
+    calls = []
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, i, o: calls.append(1))
+    report = lora_fast.fuse_ops(model)
+    assert "act_fn has forward hooks" in report.skipped["model.layers.0.mlp"]
+    model(_batch()["input_ids"])
+    assert calls == [1]
+
+    class ClampedSiLU(nn.SiLU):
+        def forward(self, x):
+            return super().forward(x).clamp(max=0.1)
+
+    model = _llama(layers=1)
+    model.model.layers[0].mlp.act_fn = ClampedSiLU()
+    assert "not SiLU" in lora_fast.fuse_ops(model).skipped["model.layers.0.mlp"]
+
+    # a hook added after fusing: the MLP runs its own forward again
+    model = _llama(layers=1)
+    ids = _batch()["input_ids"]
+    lora_fast.fuse_ops(model)
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, i, o: o * 0)
+    with torch.no_grad():
+        fused_out = model(ids).logits
+    lora_fast.unfuse_ops(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_out, model(ids).logits)
+
+
+def test_accelerate_hooks_reach_the_fused_and_patched_forward(monkeypatch):
+    hooks = pytest.importorskip("accelerate.hooks")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    t7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(_llama(layers=1), peft.LoraConfig(r=4, target_modules=t7))
+    ref = copy.deepcopy(model)
+    for mod in model.modules():  # what accelerate's dispatch_model / cpu_offload attach
+        hooks.add_hook_to_module(mod, hooks.ModelHook())
+    report = lora_fast.patch(model, fuse_ops=True)
+    assert len(report.converted) == 7 and len(report.fused) == 5 and not report.skipped
+    lora_fast.dispatch_stats(reset=True)
+    b = _batch()
+    torch.testing.assert_close(model(**b).loss, ref(**b).loss, rtol=1e-5, atol=1e-5)
+    stats = lora_fast.dispatch_stats()
+    assert stats.get("triton:rms_norm", 0) == 3 and stats.get("triton:silu_mul", 0) == 1
+    assert sum(v for k, v in stats.items() if k.startswith("triton:fwd_")) == 7
+    lora_fast.unpatch(model)
+    lora_fast.dispatch_stats(reset=True)
+    model(**b)
+    assert not any(k.startswith("triton:") for k in lora_fast.dispatch_stats())
+    # an instance-level forward that is not accelerate's: reported, not silently ignored
+    m2 = _llama(layers=1)
+    m2.model.norm.forward = lambda h: h
+    assert "replaced on the instance" in lora_fast.fuse_ops(m2).skipped["model.norm"]
+
+
+def test_fused_class_names_round_trip():
+    for mod_name, qual in (("a.b_c", "X"), ("norm_o_lib", "Outer.Inner_RMSNorm"), ("__main__", "My__C__Norm"),
+                           ("x__y", "_Z")):
+        cls = type(qual.rsplit(".", 1)[-1], (nn.Module,), {"__module__": mod_name})
+        cls.__qualname__ = qual
+        name = norm_mlp._class_name(cls)
+        body = name[len(norm_mlp._PREFIX):]
+        m, sep, q = body.partition(norm_mlp._SEP)
+        assert sep and norm_mlp._dec(m) == mod_name and norm_mlp._dec(q) == qual, name
