@@ -94,6 +94,9 @@ def _auto_gemv(x: Tensor, base: Base, bias, A: Tensor, B: Tensor, dropout_p: flo
 
 def kernel_issue(x: Tensor, A: Tensor, B: Tensor) -> Optional[str]:
     """Why the Triton/CUDA kernels cannot compute this call correctly (None: they can)."""
+    if A.dtype in _KERNEL_FLOAT and B.dtype in _KERNEL_FLOAT and (x.dtype is not torch.bfloat16
+                                                                 or x.device.type != "cpu"):
+        return None  # the usual case, decided in three set/identity tests
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         return ("bf16 activations in the Triton CPU interpreter, whose tl.dot computes bf16 wrongly "
                 "(use float16/float32 there, or LORA_FAST_BACKEND=torch)")
@@ -129,13 +132,36 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+_NULL = contextlib.nullcontext()
+
+
+def _guards(device: torch.device):
+    """:func:`_autocast_off` and :func:`_backend.device_guard` for ``device``; one shared no-op
+    context in the usual case (no autocast, the current device)."""
+    t = device.type
+    if t == "cuda":
+        if torch.is_autocast_enabled("cuda") or (device.index is not None
+                                                 and device.index != torch.cuda.current_device()):
+            return _Both(device)
+    elif t == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.autocast("cpu", enabled=False)
+    return _NULL
+
+
+class _Both(contextlib.ExitStack):
+    def __init__(self, device):
+        super().__init__()
+        self.enter_context(_autocast_off(device))
+        self.enter_context(_backend.device_guard(device))
+
+
 def _forward_impl(x, base: Base, bias, A, B, scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
-    with _autocast_off(x.device), _backend.device_guard(x.device):
+    with _guards(x.device):
         return _forward_run(x, base, bias, A, B, scaling, dropout_p, seed)
 
 
 def _backward_impl(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
-    with _autocast_off(dy.device), _backend.device_guard(dy.device):
+    with _guards(dy.device):
         return _backward_run(dy, x, xa, base, A, B, scaling, dropout_p, seed, flags)
 
 
@@ -313,6 +339,8 @@ lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_FLOAT = frozenset(_FLOAT_DTYPES)
+_ANY_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def lora_linear(
@@ -331,40 +359,44 @@ def lora_linear(
     Dropout (``dropout_p > 0``) uses a fresh seed drawn from torch's CPU generator; the mask
     is regenerated from it in backward, never stored.
     """
-    base = _as_base(base)
-    if isinstance(base, NF4Operand):
+    # (checks ordered cheap-first: this runs on every call of every layer, and on an H100 host the
+    # narrow projections' step is bound by host time, bench/NOTES.md)
+    if type(base) is not NF4Operand:
+        base = _as_base(base)
+    if type(base) is NF4Operand:
         n, k = base.shape
     else:
         if base.dim() != 2:
             raise ValueError(f"the base weight must be 2-D (out_features, in_features), got shape {tuple(base.shape)}")
-        if not base.dtype.is_floating_point:
+        if base.dtype not in _ANY_FLOAT:
             raise TypeError(f"the dense base weight has dtype {base.dtype}; a floating-point weight is needed")
         n, k = base.shape
-    if x.dim() == 0:
+    xs = x.shape
+    if not xs:
         raise ValueError("input must have at least one dimension (..., in_features), got a 0-d tensor")
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layer expects in_features={k}")
+    if xs[-1] != k:
+        raise ValueError(f"input has {xs[-1]} features in its last dim, but the layer expects in_features={k}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input dtype {x.dtype} is not supported (use float16, bfloat16 or float32)")
     wdev = base.device
     if x.device != wdev:
         raise ValueError(f"input is on {x.device} but the layer's weights are on {wdev}")
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n \
-            or lora_A.shape[0] != lora_B.shape[1]:
+    a_shape, b_shape = lora_A.shape, lora_B.shape
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != k or b_shape[0] != n or a_shape[0] != b_shape[1]:
         raise ValueError(
-            f"adapter shapes lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit a ({n}, {k}) base"
+            f"adapter shapes lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} do not fit a ({n}, {k}) base"
         )
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} has dtype {t.dtype}; adapter weights must be floating point")
-    if bias is not None and tuple(bias.shape) != (n,):
+    if lora_A.dtype not in _ANY_FLOAT or lora_B.dtype not in _ANY_FLOAT:
+        bad, t = ("lora_A", lora_A) if lora_A.dtype not in _ANY_FLOAT else ("lora_B", lora_B)
+        raise TypeError(f"{bad} has dtype {t.dtype}; adapter weights must be floating point")
+    if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for out_features={n}")
-    if not 0.0 <= float(dropout_p) < 1.0:
+    if dropout_p and not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if isinstance(base, Tensor) and base.requires_grad and torch.is_grad_enabled():
+    if type(base) is not NF4Operand and base.requires_grad and torch.is_grad_enabled():
         return _trainable_base(x, base, bias, lora_A, lora_B, float(scaling), float(dropout_p))
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), k)
+    lead = xs[:-1]
+    x2 = x.reshape(-1, k) if k else x.reshape(math.prod(lead), 0)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not torch.compiler.is_compiling():
@@ -404,7 +436,7 @@ class _GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, paths, *params):
-        with _autocast_off(x.device), _backend.device_guard(x.device):
+        with _guards(x.device):
             return _GroupedLoRA._forward(ctx, x, group, paths)
 
     @staticmethod
@@ -436,7 +468,7 @@ class _GroupedLoRA(torch.autograd.Function):
             raise RuntimeError("lora_fast.lora_linear_grouped: double backward (create_graph=True) is not supported; "
                                "call the layers one by one (or patch without group_siblings)")
         x, xa_all = ctx.saved_tensors  # unpacked once (checkpointing allows no second unpack)
-        with _autocast_off(x.device), _backend.device_guard(x.device):
+        with _guards(x.device):
             return _GroupedLoRA._backward(ctx, x, xa_all, *dys)
 
     @staticmethod
