@@ -227,19 +227,28 @@ class NF4LoRALinear(_LoRABase):
         self.register_buffer("nf4_absmax", q.absmax)
         self.register_buffer("nf4_absmax2", q.absmax2)
         self.register_buffer("nf4_code2", q.code2)
-        # saved with the state dict; read on every call as a Python float (no device sync)
+        # saved with the state dict; read on every call as a Python float (no device sync), re-read
+        # from the buffer only when the buffer changed (see _offset_value)
         self.register_buffer("nf4_offset", torch.tensor(float(q.offset), dtype=torch.float32, device=q.packed.device))
         self._offset = float(q.offset)
+        self._offset_key = (id(self.nf4_offset), self.nf4_offset._version)
         self.blocksize = int(q.blocksize)
         self.nested_blocksize = int(q.nested_blocksize)
         self.weight_shape = torch.Size(q.shape)
         self.weight_dtype = q.dtype
         self._code_cache: Optional[Tensor] = None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.nf4_offset.device.type != "meta":
-            self._offset = float(self.nf4_offset)
+    def _offset_value(self) -> float:
+        """The double-quantisation offset as a float.  The ``nf4_offset`` buffer is the truth
+        (state dicts, accelerate's ``set_module_tensor_to_device``, in-place ``copy_``); the float
+        is re-read (one device sync) only when the buffer object or its version changed."""
+        buf = self.nf4_offset
+        if torch.compiler.is_compiling() or buf.device.type == "meta":
+            return self._offset
+        key = (id(buf), buf._version)
+        if key != self._offset_key:
+            self._offset, self._offset_key = float(buf), key
+        return self._offset
 
     def _apply(self, fn, recurse=True):
         keep = {n: b for n in self._FP32_STATS if (b := self._buffers.get(n)) is not None and b.dtype == torch.float32}
@@ -292,7 +301,7 @@ class NF4LoRALinear(_LoRABase):
     def weight(self) -> "nf4_mod.NF4Tensor":
         return nf4_mod.NF4Tensor(
             self.nf4_packed, self.nf4_absmax, self.weight_shape, self.weight_dtype, self.blocksize,
-            self.nf4_absmax2, self.nf4_code2, self._offset, self.nested_blocksize,
+            self.nf4_absmax2, self.nf4_code2, self._offset_value(), self.nested_blocksize,
         )
 
     def to_bnb(self) -> nn.Module:
@@ -314,7 +323,7 @@ class NF4LoRALinear(_LoRABase):
             code = nf4_mod.NF4_CODE.to(self.nf4_packed.device)
             self._code_cache = code
         return NF4Operand(
-            self.nf4_packed, self.nf4_absmax, self.nf4_absmax2, self.nf4_code2, self._offset,
+            self.nf4_packed, self.nf4_absmax, self.nf4_absmax2, self.nf4_code2, self._offset_value(),
             self.blocksize, self.nested_blocksize, (self.out_features, self.in_features), code,
         )
 

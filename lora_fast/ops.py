@@ -197,15 +197,22 @@ def _backward_run(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float,
     return ref.backward(dy, x, xa, _dense(base, dy.dtype), A, B, scaling, mask, flags)
 
 
-def _reference_fn(base: Base, scaling: float, dropout_p: float, seed: int):
-    """The layer as differentiable PyTorch (same dropout mask), for a double backward."""
+def _reference_fn(base: Base, scaling: float, dropout_p: float, seed: int, backend: str):
+    """The layer as differentiable PyTorch, for a double backward, with the dropout mask the
+    forward's ``backend`` drew (the kernels' Philox ``tl.rand`` stream, or the torch backend's)."""
 
     def fn(x, A, B, bias):
         dt = x.dtype
         w = _dense(base, dt).to(dt)
         xd = x
         if dropout_p > 0:
-            xd = x * ref.dropout_scale_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(dt)
+            if backend == "torch":
+                mask = ref.dropout_scale_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+            else:
+                from . import _lowrank
+
+                mask = _lowrank.dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+            xd = x * mask.to(dt)
         y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(dt))
         return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt))
 
@@ -230,7 +237,8 @@ class _EagerLoRA(torch.autograd.Function):
     def backward(ctx, dy):
         x, xa, A, B = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the kernels' backward is not differentiable
-            return _backend.graph_backward(_reference_fn(ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed),
+            backend = _usable(_backend.select(x.device), x, A, B)
+            return _backend.graph_backward(_reference_fn(ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed, backend),
                                            (x, A, B, ctx.bias), (dy,), "lora_linear") + (None,) * 4
         need = ctx.needs_input_grad
         flags = [need[0], need[1], need[2], ctx.has_bias and need[3]]

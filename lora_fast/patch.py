@@ -145,6 +145,9 @@ class _FastForwardMixin:
             if self.lora_bias.get(a, False):
                 _fallback(self, "active adapter has lora_bias=True")
                 return None
+        if "_hf_hook" in self.get_base_layer().__dict__ and _offload_reason(self, active):
+            _fallback(self, "weights offloaded by accelerate hooks")
+            return None
         ps = [_dropout_p(self.lora_dropout[a]) for a in active]
         if len(active) > 1 and any(p > 0 for p in ps):
             _fallback(self, "several active adapters with dropout")
@@ -292,21 +295,22 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     cached = layer.__dict__.get("_lf_nf4_cache")
     if torch.compiler.is_compiling():
         # data pointers and the checks in NF4Tensor.from_bnb cannot be traced: take the view that
-        # patch() (or the last eager call) built, if it is on the weight's device
-        if cached is not None and cached[0][3] == w.device:
+        # patch() (or the last eager call) built, if it belongs to this weight (a new Params4bit,
+        # e.g. after PEFT's merge/unmerge, comes with a new quant_state object) and device
+        if cached is not None and cached[2] is qs and cached[0][3] == w.device:
             return cached[1]
         raise RuntimeError(
             f"lora_fast: torch.compile reached a patched 4-bit layer ({type(base_layer).__name__}) whose NF4 view "
-            f"was built for another device ({None if cached is None else cached[0][3]}, weight on {w.device}): "
-            "run one eager forward (or patch) after moving the model, then compile"
+            "was built for another weight or device (the weight was replaced, e.g. by merge/unmerge, or moved): "
+            "run one eager forward of the model (or lora_fast.patch it again), then compile"
         )
     key = (id(w), w.data_ptr(), id(qs), w.device)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and cached[2] is qs:
         return cached[1]
     q = nf4_mod.NF4Tensor.from_bnb(w)
     op = NF4Operand(q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.nested_blocksize,
                     (int(q.shape[0]), int(q.shape[1])), q.code)
-    layer.__dict__["_lf_nf4_cache"] = (key, op)
+    layer.__dict__["_lf_nf4_cache"] = (key, op, qs)
     return op
 
 
@@ -367,6 +371,24 @@ def _supported_classes() -> Dict[type, str]:
     return out
 
 
+def _offloaded(module: nn.Module) -> bool:
+    """An accelerate hook that loads the module's weights only when it is called (CPU/disk
+    offload: ``cpu_offload``, ``device_map`` with "cpu"/"disk")."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return False
+    hooks = getattr(hook, "hooks", None) or [hook]
+    return any(getattr(h, "offload", False) for h in hooks)
+
+
+def _offload_reason(mod: nn.Module, adapters) -> Optional[str]:
+    subs = [mod.get_base_layer()] + [m for a in adapters for m in (mod.lora_A[a], mod.lora_B[a])]
+    if any(_offloaded(m) for m in subs):
+        return ("its weights are offloaded by accelerate hooks (loaded only when the submodules are called; "
+                "the fused path reads them directly)")
+    return None
+
+
 def _skip_reason(mod: nn.Module) -> Optional[str]:
     """Why a PEFT LoRA layer cannot be converted (None: it can)."""
     supported = _supported_classes()
@@ -396,7 +418,7 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     if len(adapters) > 1 and any(isinstance(mod.lora_dropout[a], nn.Dropout) and mod.lora_dropout[a].p > 0
                                  for a in adapters):
         return f"several active adapters {adapters} with dropout: PEFT mixes them with independent masks"
-    return None
+    return _offload_reason(mod, adapters)
 
 
 def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]] = False,

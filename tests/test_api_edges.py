@@ -264,3 +264,77 @@ def test_load_adapter_into_a_merged_layer_is_refused(monkeypatch, tmp_path):
     with pytest.raises(lora_fast.AdapterLoadError, match="is merged"):
         lora_fast.load_adapter(b, str(tmp_path / "ad"))
     assert torch.equal(b[0].weight, w)
+
+
+# ---- second review round -------------------------------------------------------------------------
+
+@CPU_ONLY
+def test_double_backward_with_dropout_uses_the_forward_mask(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(64, 32), r=4, lora_dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.train()
+    x = torch.randn(8, 64, requires_grad=True)
+    torch.manual_seed(5)  # the dropout seed is drawn from torch's CPU generator
+    y = layer(x)
+    plain = torch.autograd.grad(y.pow(2).sum(), (x, layer.lora_A, layer.lora_B), retain_graph=True)
+    lora_fast._backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="double backward"):
+        graph = torch.autograd.grad(y.pow(2).sum(), (x, layer.lora_A, layer.lora_B), create_graph=True)
+    for a, b in zip(graph, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_offset_buffer_changes_reach_the_forward(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    a, b = _nf4_layer(0), _nf4_layer(1, scale=5.0)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+            tb.copy_(ta)  # in place, as accelerate's loaders and parameter copies do
+    assert torch.equal(b(x), a(x))
+    c = _nf4_layer(2, scale=3.0)
+    for name, t in a.state_dict().items():  # buffers replaced by new tensor objects
+        if name.startswith("nf4_"):
+            c._buffers[name] = t.clone()
+    with torch.no_grad():
+        c.lora_A.copy_(a.lora_A)
+        c.lora_B.copy_(a.lora_B)
+        c.bias.copy_(a.bias)
+    assert torch.equal(c(x), a(x))
+
+
+def test_compile_refuses_a_stale_nf4_view(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch._dynamo.reset()
+    pm = peft.get_peft_model(_One(_bnb4(seed=0)), peft.LoraConfig(r=4, target_modules=["proj"]))
+    layer = pm.base_model.model.proj
+    lora_fast.patch(pm)
+    x = torch.randn(4, 64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(x)
+    layer.base_layer.weight = _bnb4(seed=1).weight  # a new Params4bit (as PEFT's merge/unmerge makes)
+    with pytest.raises(Exception, match="built for another weight"):
+        compiled(x)
+    want = layer(x)  # an eager call rebuilds the view
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), want)
+
+
+def test_patch_skips_layers_with_offloaded_weights(monkeypatch):
+    accelerate = pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 50, (2, 6))
+    want = pm(input_ids=ids).logits.detach()
+    accelerate.cpu_offload(pm, execution_device=torch.device("cpu"))
+    report = lora_fast.patch(pm)
+    assert not report.converted and all("offloaded" in why for why in report.skipped.values())
+    torch.testing.assert_close(pm(input_ids=ids).logits, want)
