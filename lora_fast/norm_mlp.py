@@ -423,6 +423,8 @@ class _FusedMLP:
     def forward(self, x: Tensor) -> Tensor:
         act = self.act_fn
         if act._forward_hooks or act._forward_pre_hooks:  # hooks on act_fn must still see it run
+            if not torch.compiler.is_compiling():
+                _fallback("fused MLP", "act_fn has forward hooks: the module's own forward runs")
             return self._lf_fused_orig.forward(self, x)
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
