@@ -44,6 +44,8 @@ __all__ = ["rms_norm", "silu_mul", "cross_entropy", "causal_lm_loss", "fuse_ops"
            "rms_norm_reference", "silu_mul_reference", "cross_entropy_reference"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+# weight/input dtype promotion of the kernel dtypes (torch.promote_types is a dispatched op: host time)
+_PROMOTE = {(a, b): torch.promote_types(a, b) for a in _FLOAT for b in _FLOAT}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         weight = weight.expand(n)
     if weight.stride(0) != 1:  # the kernels read the weight as contiguous
         weight = weight.contiguous()
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out_dtype = _PROMOTE.get((weight.dtype, x.dtype)) or torch.promote_types(weight.dtype, x.dtype)
     with _backend.device_guard(x.device):
         y = _RMSNormFn.apply(x2, weight, float(eps), out_dtype)
     return y.view(*x.shape[:-1], n)

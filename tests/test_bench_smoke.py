@@ -150,3 +150,14 @@ def test_bf16_loss_curve_follows_fp32_not_peft_rounding():
     assert dist["peft_bf16"] > 1e-3, dist  # the effect is visible at this size
     assert dist["lora_fast"] < 0.3 * dist["peft_bf16"], dist
     assert dist["single"] < 0.3 * dist["peft_bf16"], dist
+
+
+def test_launch_count_one_layer():
+    """bench.launch_count: the host work of one e2e step, counted (CPU, one layer)."""
+    from bench.launch_count import run
+
+    res = run("h100", layers=1)["variants"]
+    peft, lf, fused = res["peft_bnb"], res["lora_fast"], res["lora_fast_fused"]
+    assert peft["triton_launches"] == 0 and lf["triton_launches"] >= 7 * 4  # 7 projections, 4-5 launches a step
+    assert fused["kernels"] < lf["kernels"] < peft["kernels"]
+    assert fused["triton_launches"] > lf["triton_launches"]  # the norms, SwiGLU and loss kernels
