@@ -225,6 +225,11 @@ KERNELS: List[KernelRow] = [
         variants=[_v(act, act, EMULATE_RNE=False) for act in ("bf16", "fp16", "fp32")],
     ),
     KernelRow(
+        "kernels.rope", "rope_kernel", "ROPE_CONFIGS", options={"enable_fp_fusion": False},
+        variants=[_v(f"{act}-{'bwd' if bwd else 'fwd'}", act, BACKWARD=bwd, EMULATE_RNE=False)
+                  for act in ("bf16", "fp16", "fp32") for bwd in (False, True)],
+    ),
+    KernelRow(
         "kernels.cross_entropy", "ce_fwd_kernel", "CE_CONFIGS",
         variants=[_v(act, act, {"target_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"})
                   for act in ("bf16", "fp16", "fp32")],

@@ -134,8 +134,8 @@ STEP_CATEGORIES = (
     ("adapter (lora_fast kernels)", ("xa_kernel", "dy_pass_kernel", "da_kernel", "nf4_rows_kernel", "merge_kernel",
                                      "lora_gemm_kernel", "nf4_dequant_kernel", "nf4_lora_gemv", "lora_fast")),
     ("nf4 dequant (bitsandbytes)", ("kdequantize", "dequantize_blockwise", "kgemm_4bit", "gemv_4bit")),
-    ("lora_fast norm / SwiGLU / loss", ("rmsnorm_fwd", "rmsnorm_bwd", "silu_mul_fwd", "silu_mul_bwd", "ce_fwd",
-                                        "ce_bwd")),
+    ("lora_fast norm / SwiGLU / RoPE / loss", ("rmsnorm_fwd", "rmsnorm_bwd", "silu_mul_fwd", "silu_mul_bwd",
+                                               "rope_kernel", "ce_fwd", "ce_bwd")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk")),
     ("elementwise / reduce / copy", ("elementwise", "reduce", "copy", "memcpy", "memset", "fill", "cat",
@@ -362,7 +362,7 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
             after = dict(lora_fast.dispatch_stats())
             f_entry["fused_modules"] = len(rep.fused)
             f_entry["dispatch"] = {k: v - before.get(k, 0) for k, v in after.items()
-                                   if v - before.get(k, 0) > 0 and ("rms_norm" in k or "silu_mul" in k or "cross_entropy" in k)}
+                                   if v - before.get(k, 0) > 0 and any(o in k for o in ("rms_norm", "silu_mul", "rope", "cross_entropy"))}
             result["lora_fast_fused"] = f_entry
             log(f"e2e      lora_fast (fuse_ops): {f_entry['tokens_per_s']:10.0f} tok/s  "
                 f"{f_entry['ms_per_step']:8.1f} ms/step  peak "
@@ -372,6 +372,8 @@ def run_e2e(cfg: E2EConfig, dev: Dev, log: Callable[[str], None]) -> Dict[str, o
             result["lora_fast_fused"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
                                          "traceback": "".join(traceback.format_exception(exc))[-4000:]}
             log(f"e2e      lora_fast (fuse_ops): ERROR {result['lora_fast_fused']['error']}")
+        finally:
+            lora_fast.unpatch(patched)  # fuse_ops' rotary function is process-wide: restore it
     a, b = result["peft_bnb"], result["lora_fast"]
     if isinstance(a, dict) and isinstance(b, dict) and a.get("status") == "ok" and b.get("status") == "ok":
         result["speedup_tokens_per_s"] = b["tokens_per_s"] / a["tokens_per_s"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import textwrap
 from typing import Dict, List, Optional, Tuple
 
@@ -40,7 +41,7 @@ from .patch import PatchReport, swap_class
 
 Tensor = torch.Tensor
 
-__all__ = ["rms_norm", "silu_mul", "cross_entropy", "causal_lm_loss", "fuse_ops", "unfuse_ops",
+__all__ = ["rms_norm", "silu_mul", "rope", "cross_entropy", "causal_lm_loss", "fuse_ops", "unfuse_ops",
            "rms_norm_reference", "silu_mul_reference", "cross_entropy_reference"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -253,6 +254,87 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     _backend.record("triton", "silu_mul")
     with _backend.device_guard(g.device):
         return _SiluMulFn.apply(g.contiguous(), u.contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> Tuple[Tensor, Tensor]:
+    """Hugging Face's ``apply_rotary_pos_emb`` (Llama)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
+    k = kernel_module("rope")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    d0, d1, d2, d = x.shape
+    rows = d0 * d1 * d2
+    if rows:
+        half = d // 2
+        launch(k.rope_kernel, (-(-rows // k.ROPE_ROWS),), x, cos, sin, y, rows, d1, d2, half,
+               *x.stride()[:3], *cos.stride()[:3], *y.stride()[:3], BLOCK_R=k.ROPE_ROWS,
+               BLOCK_H=max(8, 1 << (half - 1).bit_length()), BACKWARD=backward, EMULATE_RNE=_interpreting(),
+               num_warps=k.ROPE_WARPS, num_stages=1, enable_fp_fusion=False)
+    return y
+
+
+class _RopeFn(torch.autograd.Function):
+    """One tensor (q or k) with cos/sin already expanded to its shape."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference expression, differentiated
+            return _backend.graph_backward(lambda x: x * cos + _rotate_half(x) * sin,
+                                           (torch.zeros_like(g).requires_grad_(),), (g,), "rope") + (None, None)
+        return _rope_launch(g, cos, sin, True), None, None
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> Tuple[Tensor, Tensor]:
+    """Rotary position embedding of ``q`` and ``k`` as Hugging Face's Llama
+    ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` computes it (the same rounding points),
+    in one kernel per tensor and pass.  q, k: (batch, heads, seq, head_dim) for ``unsqueeze_dim=1``
+    (any strides, contiguous head dim; k may have fewer heads); cos, sin: (batch or 1, seq,
+    head_dim).  Other layouts and dtypes run the reference expression (counted in
+    ``dispatch_stats``, warned once)."""
+    if torch.compiler.is_compiling() or not _triton_on(q.device):
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    why = None
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
+        why = f"q {tuple(q.shape)} / k {tuple(k.shape)} (the kernel takes 4-D q and k with an even head dim)"
+    elif not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.dtype not in _FLOAT:
+        why = f"dtypes q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin {sin.dtype} (one fp16/bf16/fp32 dtype)"
+    elif cos.requires_grad or sin.requires_grad:
+        why = "cos/sin require grad"
+    elif cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        why = "cos/sin with a strided last dim"
+    if why is not None:
+        _fallback("rope", why)
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    try:
+        cu, su = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        cq, sq, ck, sk = cu.expand(q.shape), su.expand(q.shape), cu.expand(k.shape), su.expand(k.shape)
+    except RuntimeError:
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)  # raises PyTorch's own broadcasting error
+    _backend.record("triton", "rope")
+    with _backend.device_guard(q.device):
+        return _RopeFn.apply(q, cq, sq), _RopeFn.apply(k, ck, sk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +583,41 @@ def _is_mlp_candidate(mod: nn.Module) -> bool:
     return all(isinstance(getattr(mod, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj"))
 
 
+_LLAMA_ROPE = (
+    "cos = cos.unsqueeze(unsqueeze_dim)",
+    "sin = sin.unsqueeze(unsqueeze_dim)",
+    "q_embed = (q * cos) + (rotate_half(q) * sin)",
+    "k_embed = (k * cos) + (rotate_half(k) * sin)",
+    "return q_embed, k_embed",
+)
+_LLAMA_ROTATE_HALF = (
+    "x1 = x[..., : x.shape[-1] // 2]",
+    "x2 = x[..., x.shape[-1] // 2 :]",
+    "return torch.cat((-x2, x1), dim=-1)",
+)
+_ROPE_ORIGINALS: Dict[str, object] = {}  # modeling module name -> its own apply_rotary_pos_emb
+
+
+def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """What :func:`fuse_ops` puts in place of a modeling module's ``apply_rotary_pos_emb``."""
+    return rope(q, k, cos, sin, unsqueeze_dim)
+
+
+def _rope_reason(modeling) -> Optional[str]:
+    fn = getattr(modeling, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return "no apply_rotary_pos_emb"
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if params != ["q", "k", "cos", "sin", "unsqueeze_dim"] or _body(fn) != _LLAMA_ROPE:
+        return "apply_rotary_pos_emb differs from Llama's"
+    if _body(getattr(modeling, "rotate_half", None)) != _LLAMA_ROTATE_HALF:
+        return "rotate_half differs from Llama's (another rotary layout)"
+    return None
+
+
 def fuse_ops(model: nn.Module) -> PatchReport:
     """Swap, in place, the RMSNorm and gated-SiLU MLP modules of a Llama-family ``model`` for the
     fused kernels (state dicts, parameters and hooks are untouched: only the class changes), and
@@ -514,8 +631,25 @@ def fuse_ops(model: nn.Module) -> PatchReport:
     :func:`unfuse_ops` undoes it."""
     report = PatchReport()
     hf_loss = _hf_causal_lm_loss()
+    seen_modeling = set()
     for name, mod in model.named_modules():
         cls = type(mod)
+        modeling = sys.modules.get(cls.__module__)
+        if cls.__name__.endswith("Attention") and modeling is not None and cls.__module__ not in seen_modeling:
+            # the rotary embedding is a function of the modeling module, called by the attention's
+            # forward: it is replaced process-wide (bit-equal in 16-bit dtypes), restored by unfuse_ops
+            seen_modeling.add(cls.__module__)
+            label = f"{cls.__module__}.apply_rotary_pos_emb"
+            if getattr(modeling, "apply_rotary_pos_emb", None) is fused_apply_rotary_pos_emb:
+                report.converted.append(label)
+            else:
+                why = _rope_reason(modeling)
+                if why is None:
+                    _ROPE_ORIGINALS[cls.__module__] = modeling.apply_rotary_pos_emb
+                    modeling.apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+                    report.converted.append(label)
+                elif why != "no apply_rotary_pos_emb":
+                    report.skipped[label] = why
         if hf_loss is not None and isinstance(getattr(cls, "loss_function", None), property):
             # a transformers model: its causal-LM loss (instance attribute; the class is untouched)
             fn = mod.__dict__.get("_loss_function")
@@ -565,6 +699,11 @@ def unfuse_ops(model: nn.Module) -> List[str]:
     """Give every module converted by :func:`fuse_ops` its class (and a causal LM its loss
     function) back; returns their names."""
     restored = []
+    for modname in list(_ROPE_ORIGINALS):
+        modeling = sys.modules.get(modname)
+        if modeling is not None and any(type(m).__module__ == modname for m in model.modules()):
+            modeling.apply_rotary_pos_emb = _ROPE_ORIGINALS.pop(modname)
+            restored.append(f"{modname}.apply_rotary_pos_emb")
     for name, mod in model.named_modules():
         if mod.__dict__.get("_loss_function") is causal_lm_loss:
             del mod.__dict__["_loss_function"]

@@ -21,6 +21,17 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _restore_rope():
+    """fuse_ops replaces a modeling module's apply_rotary_pos_emb process-wide: put it back."""
+    yield
+    import sys
+
+    for modname, fn in list(norm_mlp._ROPE_ORIGINALS.items()):
+        setattr(sys.modules[modname], "apply_rotary_pos_emb", fn)
+        del norm_mlp._ROPE_ORIGINALS[modname]
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
@@ -179,6 +190,7 @@ def _batch(seed=0, seq=12):
     return {"input_ids": ids, "labels": ids}
 
 
+ROPE_LABEL = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
 FUSED_NAMES = ["loss_function", "model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
                "model.layers.1.mlp", "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
                "model.norm"]
@@ -194,7 +206,7 @@ def test_fuse_ops_llama_matches_unfused(backend, monkeypatch):
     ref = _llama()
     fused = copy.deepcopy(ref)
     report = lora_fast.fuse_ops(fused)
-    assert sorted(report.converted) == sorted(FUSED_NAMES) and not report.skipped
+    assert sorted(report.converted) == sorted(FUSED_NAMES + [ROPE_LABEL]) and not report.skipped
     assert type(fused.model.norm).__name__.startswith("LoraFastFused__")
     assert isinstance(fused.model.norm, type(ref.model.norm))  # a subclass: isinstance checks still hold
     assert list(fused.state_dict()) == list(ref.state_dict())
@@ -214,7 +226,7 @@ def test_fuse_ops_llama_matches_unfused(backend, monkeypatch):
             torch.testing.assert_close(gf[k], gr[k], rtol=1e-4, atol=1e-5, msg=k)
         stats = lora_fast.dispatch_stats()
         assert stats.get("triton:rms_norm", 0) >= 5 and stats.get("triton:silu_mul", 0) >= 2
-    assert sorted(lora_fast.unfuse_ops(fused)) == sorted(FUSED_NAMES)
+    assert sorted(lora_fast.unfuse_ops(fused)) == sorted(FUSED_NAMES + [ROPE_LABEL])
     assert type(fused.model.norm) is type(ref.model.norm) and type(fused.model.layers[0].mlp) is type(ref.model.layers[0].mlp)
 
 
@@ -295,8 +307,9 @@ def test_patch_with_fuse_ops_trains_like_peft(monkeypatch):
 
     plain, fast = make(), make()
     report = lora_fast.patch(fast, fuse_ops=True)
-    assert len(report.converted) == 14 and sorted(report.fused) == sorted("base_model.model." + n for n in FUSED_NAMES)
-    assert "8 norm/MLP/loss modules fused" in str(report)
+    assert len(report.converted) == 14
+    assert sorted(report.fused) == sorted(["base_model.model." + n for n in FUSED_NAMES] + [ROPE_LABEL])
+    assert "9 norm/MLP/loss modules fused" in str(report)
     losses = []
     for model in (plain, fast):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -310,7 +323,7 @@ def test_patch_with_fuse_ops_trains_like_peft(monkeypatch):
         losses.append(curve)
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
     restored = lora_fast.unpatch(fast)
-    assert len(restored) == 14 + 8
+    assert len(restored) == 14 + 9
     assert not any(isinstance(m, (norm_mlp._FusedMLP, norm_mlp._FusedRMSNorm)) for m in fast.modules())
 
 
@@ -537,7 +550,7 @@ def test_accelerate_hooks_reach_the_fused_and_patched_forward(monkeypatch):
     for mod in model.modules():  # what accelerate's dispatch_model / cpu_offload attach
         hooks.add_hook_to_module(mod, hooks.ModelHook())
     report = lora_fast.patch(model, fuse_ops=True)
-    assert len(report.converted) == 7 and len(report.fused) == 5 and not report.skipped
+    assert len(report.converted) == 7 and len(report.fused) == 6 and not report.skipped
     lora_fast.dispatch_stats(reset=True)
     b = _batch()
     torch.testing.assert_close(model(**b).loss, ref(**b).loss, rtol=1e-5, atol=1e-5)
@@ -563,3 +576,96 @@ def test_fused_class_names_round_trip():
         body = name[len(norm_mlp._PREFIX):]
         m, sep, q = body.partition(norm_mlp._SEP)
         assert sep and norm_mlp._dec(m) == mod_name and norm_mlp._dec(q) == qual, name
+
+
+# --------------------------------------------------------------------------------------------
+# rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+from lora_fast.norm_mlp import rope, rope_reference  # noqa: E402
+
+
+def _cos_sin(batch, seq, d, dtype):
+    pos = torch.arange(seq, device=DEV).float()[None].expand(batch, seq)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    emb = torch.cat([pos[..., None] * inv, pos[..., None] * inv], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+ROPE_SHAPES = [(2, 4, 2, 5, 8), (1, 3, 1, 7, 64), (2, 2, 2, 3, 6), (1, 4, 4, 9, 128)] + \
+    ([(2, 32, 8, 2048, 128)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
+@pytest.mark.parametrize("cos_batch", [1, "full"])
+def test_rope_is_bit_equal_to_transformers(dtype, shape, cos_batch, triton_backend):
+    b, h, hk, s, d = shape
+    q0 = torch.randn(b, s, h, d, device=DEV).to(dtype).transpose(1, 2)  # strided, as the projections give it
+    k0 = torch.randn(b, s, hk, d, device=DEV).to(dtype).transpose(1, 2)
+    cos, sin = _cos_sin(1 if cos_batch == 1 else b, s, d, dtype)
+    q1, k1, q2, k2 = (t.clone().requires_grad_() for t in (q0, k0, q0, k0))
+    got, want = rope(q1, k1, cos, sin), rope_reference(q2, k2, cos, sin)
+    gq, gk = torch.randn_like(want[0]), torch.randn_like(want[1])
+    torch.autograd.backward(got, (gq, gk))
+    torch.autograd.backward(want, (gq, gk))
+    for a, r in zip((*got, q1.grad, k1.grad), (*want, q2.grad, k2.grad)):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        if dtype == torch.float32 and CUDA:  # fp32 on a GPU: exp-free, but FMA-free only as far as ptxas keeps it
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, r)
+    assert lora_fast.dispatch_stats().get("triton:rope", 0) == 1
+
+
+def test_rope_fallbacks_and_double_backward(triton_backend):
+    q = torch.randn(1, 2, 3, 8, device=DEV)
+    k = torch.randn(1, 1, 3, 8, device=DEV)
+    cos, sin = _cos_sin(1, 3, 8, torch.float16)  # another dtype than q: promotion, the reference runs
+    norm_mlp._backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="rope runs the PyTorch reference"):
+        got = rope(q, k, cos, sin)
+    for a, r in zip(got, rope_reference(q, k, cos, sin)):
+        assert torch.equal(a, r)
+    cos, sin = _cos_sin(1, 3, 8, torch.float32)
+    x = q.clone().requires_grad_()
+    y, _ = rope(x, k, cos, sin)
+    g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    gg, = torch.autograd.grad(g.sum(), x)
+    x2 = q.clone().requires_grad_()
+    y2, _ = rope_reference(x2, k, cos, sin)
+    g2, = torch.autograd.grad(y2.pow(2).sum(), x2, create_graph=True)
+    torch.testing.assert_close(gg, torch.autograd.grad(g2.sum(), x2)[0])
+
+
+def test_fuse_ops_leaves_other_rotary_layouts_alone():
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_modeling_rope")
+
+    def rotate_half(x):  # GPT-J style interleaved pairs: the same apply body, another layout
+        x1 = x[..., ::2]
+        x2 = x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        cos = cos.unsqueeze(unsqueeze_dim)
+        sin = sin.unsqueeze(unsqueeze_dim)
+        q_embed = (q * cos) + (rotate_half(q) * sin)
+        k_embed = (k * cos) + (rotate_half(k) * sin)
+        return q_embed, k_embed
+
+    mod.rotate_half, mod.apply_rotary_pos_emb = rotate_half, apply_rotary_pos_emb
+
+    class FakeAttention(nn.Module):
+        pass
+
+    FakeAttention.__module__ = "fake_modeling_rope"
+    sys.modules["fake_modeling_rope"] = mod
+    try:
+        report = lora_fast.fuse_ops(nn.Sequential(FakeAttention()))
+        assert "rotate_half differs" in report.skipped["fake_modeling_rope.apply_rotary_pos_emb"]
+        assert mod.apply_rotary_pos_emb is apply_rotary_pos_emb
+    finally:
+        del sys.modules["fake_modeling_rope"]
