@@ -155,6 +155,8 @@ def _run(profile: str, layers: int, torch) -> Dict[str, object]:
                     lora_fast.patch(model, **kw)
                 launches.clear()
                 res = count_step(model, ids)
+                if kw is not None:
+                    lora_fast.unpatch(model)  # fuse_ops' rotary function is process-wide
         finally:
             for k, v in old.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
