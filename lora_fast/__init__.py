@@ -17,7 +17,7 @@ from .modules import LoRALinear, NF4LoRALinear, count_parameters, print_trainabl
 from .ops import lora_linear, lora_linear_grouped
 from .adapter_io import AdapterLoadError, load_adapter, save_adapter
 from .patch import PatchReport, apply_lora, loraplus_param_groups, patch, unpatch
-from .norm_mlp import cross_entropy, fuse_ops, rms_norm, silu_mul, unfuse_ops
+from .norm_mlp import cross_entropy, fuse_ops, rms_norm, rope, silu_mul, unfuse_ops
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "patch",
     "print_trainable_parameters",
     "rms_norm",
+    "rope",
     "save_adapter",
     "silu_mul",
     "unfuse_ops",

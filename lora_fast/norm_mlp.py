@@ -9,12 +9,16 @@ place, for one Triton kernel per pass (``kernels/rmsnorm.py``, ``kernels/swiglu.
 
     rms_norm(x (..., N), weight (N,), eps) -> (..., N) in promote(weight.dtype, x.dtype)
     silu_mul(g (...), u (...))              -> silu(g) * u, same shape and dtype
+    rope(q (B, H, S, D), k (B, Hk, S, D), cos, sin)  -> Llama's apply_rotary_pos_emb, bit-equal
     cross_entropy(logits (M, V), target (M,), num_items_in_batch=None, ignore_index=-100) -> fp32 ()
 
 The causal-LM loss (``ForCausalLMLoss``) upcasts the logits to an fp32 copy and runs
 log-softmax and NLL over it, forward and backward; :func:`cross_entropy` reads the logits once
 each way and writes only their gradient (``causal_lm_loss`` is installed as the model's
-``loss_function``, an instance attribute; the class is untouched).
+``loss_function``, an instance attribute; the class is untouched).  The rotary embedding is a
+module-level function of each modeling file, called by the attention's forward: it is replaced
+in that module, process-wide (bit-equal, so other models of the class compute the same numbers),
+and restored by :func:`unfuse_ops`.
 
 with Hugging Face's rounding points (bench/NOTES.md: "Fused RMSNorm and SwiGLU" has the bytes
 each moves and the predicted gain).  Only modules whose ``forward`` is, line for line, Llama's
