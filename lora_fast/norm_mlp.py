@@ -32,6 +32,7 @@ import inspect
 import re
 import sys
 import textwrap
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -88,6 +89,12 @@ def _triton_on(device: torch.device) -> bool:
             )
         return True
     return backend == "triton"
+
+
+def _functorch_active() -> bool:
+    """Under torch.func transforms (grad, vmap, jvp) the reference expressions run: the kernels'
+    autograd Functions define no vmap/jvp rules."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _fallback(op: str, why: str) -> None:
@@ -188,7 +195,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, the input's last dim is {n}: need ({n},)")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: input is on {x.device} but the weight is on {weight.device}")
-    if torch.compiler.is_compiling() or not _triton_on(x.device) or n == 0:
+    if torch.compiler.is_compiling() or _functorch_active() or not _triton_on(x.device) or n == 0:
         return rms_norm_reference(x, weight, eps)
     if x.dtype not in _FLOAT or weight.dtype not in _FLOAT:
         _fallback("rms_norm", f"dtype {x.dtype} / weight {weight.dtype} (kernels take fp16, bf16, fp32)")
@@ -249,7 +256,7 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     mixed dtypes) run the two-op reference, counted in ``dispatch_stats`` and warned about once."""
     if g.device != u.device:
         raise ValueError(f"silu_mul: gate is on {g.device} but up is on {u.device}")
-    if torch.compiler.is_compiling() or not _triton_on(g.device):
+    if torch.compiler.is_compiling() or _functorch_active() or not _triton_on(g.device):
         return silu_mul_reference(g, u)
     if g.shape != u.shape or g.dtype != u.dtype or g.dtype not in _FLOAT:
         _fallback("silu_mul", f"gate {tuple(g.shape)} {g.dtype} / up {tuple(u.shape)} {u.dtype} "
@@ -277,6 +284,12 @@ def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _rope_block(k, d: int) -> Tuple[int, int]:
+    """(BLOCK_R, BLOCK_H) for head dim ``d``: one of kernels/rope.py's ROPE_CONFIGS."""
+    block_h = max(8, 1 << (d // 2 - 1).bit_length())
+    return k.rope_rows(block_h), block_h
+
+
 def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     k = kernel_module("rope")
     if x.stride(-1) != 1:
@@ -286,9 +299,10 @@ def _rope_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     rows = d0 * d1 * d2
     if rows:
         half = d // 2
-        launch(k.rope_kernel, (-(-rows // k.ROPE_ROWS),), x, cos, sin, y, rows, d1, d2, half,
-               *x.stride()[:3], *cos.stride()[:3], *y.stride()[:3], BLOCK_R=k.ROPE_ROWS,
-               BLOCK_H=max(8, 1 << (half - 1).bit_length()), BACKWARD=backward, EMULATE_RNE=_interpreting(),
+        block_r, block_h = _rope_block(k, d)
+        launch(k.rope_kernel, (-(-rows // block_r),), x, cos, sin, y, rows, d1, d2, half,
+               *x.stride()[:3], *cos.stride()[:3], *sin.stride()[:3], *y.stride()[:3], BLOCK_R=block_r,
+               BLOCK_H=block_h, BACKWARD=backward, EMULATE_RNE=_interpreting(),
                num_warps=k.ROPE_WARPS, num_stages=1, enable_fp_fusion=False)
     return y
 
@@ -317,7 +331,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
     (any strides, contiguous head dim; k may have fewer heads); cos, sin: (batch or 1, seq,
     head_dim).  Other layouts and dtypes run the reference expression (counted in
     ``dispatch_stats``, warned once)."""
-    if torch.compiler.is_compiling() or not _triton_on(q.device):
+    if torch.compiler.is_compiling() or _functorch_active() or not _triton_on(q.device):
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
     why = None
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
@@ -328,6 +342,8 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
         why = "cos/sin require grad"
     elif cos.stride(-1) != 1 or sin.stride(-1) != 1:
         why = "cos/sin with a strided last dim"
+    elif q.shape[-1] > 1024:
+        why = f"head_dim {q.shape[-1]} > 1024 (the kernel's configs stop there)"
     if why is not None:
         _fallback("rope", why)
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
@@ -336,6 +352,10 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
         cq, sq, ck, sk = cu.expand(q.shape), su.expand(q.shape), cu.expand(k.shape), su.expand(k.shape)
     except RuntimeError:
         return rope_reference(q, k, cos, sin, unsqueeze_dim)  # raises PyTorch's own broadcasting error
+    if any(t.stride(-1) != 1 for t in (cq, sq, ck, sk)) or cos.device != q.device or sin.device != q.device:
+        # (a size-1 head dim broadcast by expand has stride 0; the kernel reads the head dim contiguously)
+        _fallback("rope", "cos/sin broadcast over the head dim or on another device")
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
     _backend.record("triton", "rope")
     with _backend.device_guard(q.device):
         return _RopeFn.apply(q, cq, sq), _RopeFn.apply(k, ck, sk)
@@ -405,7 +425,7 @@ def cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch=None, ignor
                          f"and {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"cross_entropy: logits on {logits.device} but target on {target.device}")
-    if torch.compiler.is_compiling() or not _triton_on(logits.device):
+    if torch.compiler.is_compiling() or _functorch_active() or not _triton_on(logits.device):
         return cross_entropy_reference(logits, target, num_items_in_batch, ignore_index)
     if logits.dtype not in _FLOAT or target.dtype not in (torch.int64, torch.int32):
         _fallback("cross_entropy", f"logits {logits.dtype} / target {target.dtype} "
@@ -600,6 +620,7 @@ _LLAMA_ROTATE_HALF = (
     "return torch.cat((-x2, x1), dim=-1)",
 )
 _ROPE_ORIGINALS: Dict[str, object] = {}  # modeling module name -> its own apply_rotary_pos_emb
+_ROPE_OWNERS: Dict[str, "weakref.WeakSet"] = {}  # modeling module name -> the models fused with it
 
 
 def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
@@ -645,12 +666,14 @@ def fuse_ops(model: nn.Module) -> PatchReport:
             seen_modeling.add(cls.__module__)
             label = f"{cls.__module__}.apply_rotary_pos_emb"
             if getattr(modeling, "apply_rotary_pos_emb", None) is fused_apply_rotary_pos_emb:
+                _ROPE_OWNERS.setdefault(cls.__module__, weakref.WeakSet()).add(model)
                 report.converted.append(label)
             else:
                 why = _rope_reason(modeling)
                 if why is None:
                     _ROPE_ORIGINALS[cls.__module__] = modeling.apply_rotary_pos_emb
                     modeling.apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+                    _ROPE_OWNERS.setdefault(cls.__module__, weakref.WeakSet()).add(model)
                     report.converted.append(label)
                 elif why != "no apply_rotary_pos_emb":
                     report.skipped[label] = why
@@ -704,10 +727,19 @@ def unfuse_ops(model: nn.Module) -> List[str]:
     function) back; returns their names."""
     restored = []
     for modname in list(_ROPE_ORIGINALS):
+        owners = _ROPE_OWNERS.get(modname)
+        mine = [m for m in model.modules() if owners is not None and m in owners]  # (fused as a whole or a part)
+        if not mine:
+            continue  # not fused through this model (e.g. a deepcopy of one): another model owns it
+        for m in mine:
+            owners.discard(m)
+        restored.append(f"{modname}.apply_rotary_pos_emb")
+        if len(owners):
+            continue  # other fused models still use the fused function
         modeling = sys.modules.get(modname)
-        if modeling is not None and any(type(m).__module__ == modname for m in model.modules()):
-            modeling.apply_rotary_pos_emb = _ROPE_ORIGINALS.pop(modname)
-            restored.append(f"{modname}.apply_rotary_pos_emb")
+        original = _ROPE_ORIGINALS.pop(modname)
+        if modeling is not None and getattr(modeling, "apply_rotary_pos_emb", None) is fused_apply_rotary_pos_emb:
+            modeling.apply_rotary_pos_emb = original  # (a later patch by another library is left alone)
     for name, mod in model.named_modules():
         if mod.__dict__.get("_loss_function") is causal_lm_loss:
             del mod.__dict__["_loss_function"]

@@ -30,6 +30,7 @@ def _restore_rope():
     for modname, fn in list(norm_mlp._ROPE_ORIGINALS.items()):
         setattr(sys.modules[modname], "apply_rotary_pos_emb", fn)
         del norm_mlp._ROPE_ORIGINALS[modname]
+    norm_mlp._ROPE_OWNERS.clear()
 
 
 @pytest.fixture
@@ -669,3 +670,52 @@ def test_fuse_ops_leaves_other_rotary_layouts_alone():
         assert mod.apply_rotary_pos_emb is apply_rotary_pos_emb
     finally:
         del sys.modules["fake_modeling_rope"]
+
+
+def test_rope_cos_and_sin_layouts(triton_backend):
+    q = torch.randn(2, 3, 5, 8, device=DEV)
+    k = torch.randn(2, 1, 5, 8, device=DEV)
+    cos, sin = _cos_sin(2, 5, 8, torch.float32)
+    cases = [(cos, sin[:1]),                                   # batch-broadcast sin only
+             (cos, sin.transpose(0, 1).contiguous().transpose(0, 1)),  # sin with other strides than cos
+             (cos[..., :1], sin[..., :1])]                       # broadcast over the head dim: reference
+    for c, s_ in cases:
+        for a, r in zip(rope(q, k, c, s_), rope_reference(q, k, c, s_)):
+            assert torch.equal(a, r)
+
+
+def test_rope_under_torch_func(triton_backend):
+    cos, sin = _cos_sin(1, 5, 8, torch.float32)
+    k = torch.randn(1, 1, 5, 8, device=DEV)
+
+    def f(q):
+        return rope(q, k, cos, sin)[0].pow(2).sum()
+
+    q = torch.randn(1, 2, 5, 8, device=DEV)
+    want = torch.func.grad(lambda q: rope_reference(q, k, cos, sin)[0].pow(2).sum())(q)
+    torch.testing.assert_close(torch.func.grad(f)(q), want)
+
+
+def test_fused_rotary_function_ownership():
+    from transformers.models.llama import modeling_llama as ml
+
+    original = ml.apply_rotary_pos_emb
+    a, b = _llama(layers=1), _llama(layers=1, seed=1)
+    lora_fast.fuse_ops(a)
+    lora_fast.fuse_ops(b)
+    assert ROPE_LABEL not in lora_fast.unfuse_ops(copy.deepcopy(a))  # a copy does not own it
+    assert ROPE_LABEL not in lora_fast.unfuse_ops(_llama(layers=1))  # nor does a model never fused
+    assert ROPE_LABEL in lora_fast.unfuse_ops(a)
+    assert ml.apply_rotary_pos_emb is norm_mlp.fused_apply_rotary_pos_emb  # b still fused
+    assert ROPE_LABEL in lora_fast.unfuse_ops(b)
+    assert ml.apply_rotary_pos_emb is original
+
+
+def test_rope_launcher_configs_are_the_compile_checked_ones():
+    from lora_fast._operand import kernel_module
+
+    k = kernel_module("rope")
+    listed = {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_H"], c.num_warps) for c in k.ROPE_CONFIGS}
+    for d in range(2, 1025, 2):
+        block_r, block_h = norm_mlp._rope_block(k, d)
+        assert (block_r, block_h, k.ROPE_WARPS) in listed and block_h >= d // 2, d
