@@ -135,7 +135,7 @@ STEP_CATEGORIES = (
                                      "lora_gemm_kernel", "nf4_dequant_kernel", "nf4_lora_gemv", "lora_fast")),
     ("nf4 dequant (bitsandbytes)", ("kdequantize", "dequantize_blockwise", "kgemm_4bit", "gemv_4bit")),
     ("lora_fast norm / SwiGLU / RoPE / loss", ("rmsnorm_fwd", "rmsnorm_bwd", "silu_mul_fwd", "silu_mul_bwd",
-                                               "rope_kernel", "ce_fwd", "ce_bwd")),
+                                               "rope_kernel", "ce_fwd_kernel", "ce_bwd_kernel")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma", "splitk")),
     ("elementwise / reduce / copy", ("elementwise", "reduce", "copy", "memcpy", "memset", "fill", "cat",

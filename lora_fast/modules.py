@@ -231,7 +231,7 @@ class NF4LoRALinear(_LoRABase):
         # from the buffer only when the buffer changed (see _offset_value)
         self.register_buffer("nf4_offset", torch.tensor(float(q.offset), dtype=torch.float32, device=q.packed.device))
         self._offset = float(q.offset)
-        self._offset_key = (id(self.nf4_offset), self.nf4_offset._version)
+        self._offset_key = _buffer_key(self.nf4_offset)
         self.blocksize = int(q.blocksize)
         self.nested_blocksize = int(q.nested_blocksize)
         self.weight_shape = torch.Size(q.shape)
@@ -245,10 +245,27 @@ class NF4LoRALinear(_LoRABase):
         buf = self.nf4_offset
         if torch.compiler.is_compiling() or buf.device.type == "meta":
             return self._offset
-        key = (id(buf), buf._version)
+        key = _buffer_key(buf)
         if key != self._offset_key:
             self._offset, self._offset_key = float(buf), key
         return self._offset
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "nf4_offset"
+        if key not in state_dict and prefix + "nf4_packed" in state_dict:
+            # a state dict from before the offset was a buffer: 0 without double quantisation; with
+            # it the offset is lost (it is not recoverable from the codes): say so
+            if prefix + "nf4_absmax2" not in state_dict:
+                state_dict[key] = torch.zeros((), dtype=torch.float32)
+            else:
+                error_msgs.append(
+                    f"{key} is missing: this NF4 state dict was saved before lora_fast kept the double-quantisation "
+                    "offset in it, and the offset cannot be recovered from the codes; quantise the layer again "
+                    "from its dense weight (NF4LoRALinear.from_linear) or from the bitsandbytes checkpoint (from_bnb)"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         keep = {n: b for n in self._FP32_STATS if (b := self._buffers.get(n)) is not None and b.dtype == torch.float32}
@@ -364,6 +381,15 @@ class NF4LoRALinear(_LoRABase):
         self._set_qweight(self._premerge)
         self._premerge = None
         self.merged = False
+
+
+def _buffer_key(buf: Tensor) -> tuple:
+    """What identifies a buffer's value without reading it: the object and its version counter
+    (inference tensors have no version counter, and cannot change outside inference mode)."""
+    try:
+        return (id(buf), buf._version)
+    except RuntimeError:
+        return (id(buf), None)
 
 
 def _autocast_input(x: Tensor) -> Tensor:

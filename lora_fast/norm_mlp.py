@@ -32,6 +32,7 @@ import inspect
 import re
 import sys
 import textwrap
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -530,7 +531,7 @@ class _FusedMLP:
 
     def forward(self, x: Tensor) -> Tensor:
         act = self.act_fn
-        if act._forward_hooks or act._forward_pre_hooks:  # hooks on act_fn must still see it run
+        if getattr(act, "_forward_hooks", None) or getattr(act, "_forward_pre_hooks", None):  # hooks must see it run
             if not torch.compiler.is_compiling():
                 _fallback("fused MLP", "act_fn has forward hooks: the module's own forward runs")
             return self._lf_fused_orig.forward(self, x)
@@ -598,7 +599,7 @@ def _mlp_reason(mod: nn.Module) -> Optional[str]:
     act = getattr(mod, "act_fn", None)
     if not _is_silu(act):
         return f"activation {type(act).__name__} is not SiLU"
-    if act._forward_hooks or act._forward_pre_hooks:
+    if getattr(act, "_forward_hooks", None) or getattr(act, "_forward_pre_hooks", None):
         return "act_fn has forward hooks (the fused kernel would bypass them)"
     return None
 
@@ -724,7 +725,9 @@ def _is_causal_lm(mod: nn.Module) -> bool:
 
 def unfuse_ops(model: nn.Module) -> List[str]:
     """Give every module converted by :func:`fuse_ops` its class (and a causal LM its loss
-    function) back; returns their names."""
+    function, the modeling module its rotary function once no fused model uses it) back;
+    returns their names (``...loss_function`` and ``<modeling module>.apply_rotary_pos_emb`` are
+    labels, not module names)."""
     restored = []
     for modname in list(_ROPE_ORIGINALS):
         owners = _ROPE_OWNERS.get(modname)
@@ -745,6 +748,9 @@ def unfuse_ops(model: nn.Module) -> List[str]:
             del mod.__dict__["_loss_function"]
             restored.append(f"{name}.loss_function" if name else "loss_function")
         if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
-            swap_class(mod, mod._lf_fused_orig)
+            why = swap_class(mod, mod._lf_fused_orig)
+            if why is not None:
+                warnings.warn(f"lora_fast.unfuse_ops: {name} keeps its fused class: {why}", RuntimeWarning, stacklevel=2)
+                continue
             restored.append(name)
     return restored

@@ -145,7 +145,8 @@ class _FastForwardMixin:
             if self.lora_bias.get(a, False):
                 _fallback(self, "active adapter has lora_bias=True")
                 return None
-        if "_hf_hook" in self.get_base_layer().__dict__ and _offload_reason(self, active):
+        base_layer = self.get_base_layer()
+        if "_hf_hook" in base_layer.__dict__ and _offload_reason(self, active):
             _fallback(self, "weights offloaded by accelerate hooks")
             return None
         ps = [_dropout_p(self.lora_dropout[a]) for a in active]
@@ -153,7 +154,6 @@ class _FastForwardMixin:
             _fallback(self, "several active adapters with dropout")
             return None
 
-        base_layer = self.get_base_layer()
         if len(active) == 1:
             a = active[0]
             A, B, s, p = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], ps[0]
@@ -516,14 +516,19 @@ def _remove_groups(model: nn.Module) -> None:
 
 def unpatch(model: nn.Module) -> List[str]:
     """Give every patched layer its PEFT class back (weights are shared, so training is kept), and
-    every module fused by ``patch(..., fuse_ops=True)`` its own.  Returns the names restored."""
+    undo :func:`lora_fast.fuse_ops` on the model (``patch(..., fuse_ops=True)`` or a direct call).
+    Returns the names restored (see :func:`lora_fast.unfuse_ops` for the fused labels); a layer whose
+    forward was replaced on the instance since keeps its class, with a warning."""
     from .norm_mlp import unfuse_ops
 
     _remove_groups(model)
     restored = unfuse_ops(model)
     for name, mod in model.named_modules():
         if isinstance(mod, _FastForwardMixin):
-            swap_class(mod, mod._lf_orig_cls)
+            why = swap_class(mod, mod._lf_orig_cls)
+            if why is not None:
+                warnings.warn(f"lora_fast.unpatch: {name} keeps its patched class: {why}", RuntimeWarning, stacklevel=2)
+                continue
             mod.__dict__.pop("_lf_nf4_cache", None)
             restored.append(name)
     return restored

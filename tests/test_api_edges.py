@@ -338,3 +338,58 @@ def test_patch_skips_layers_with_offloaded_weights(monkeypatch):
     report = lora_fast.patch(pm)
     assert not report.converted and all("offloaded" in why for why in report.skipped.values())
     torch.testing.assert_close(pm(input_ids=ids).logits, want)
+
+
+# ---- final review ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_state_dict_from_before_the_offset_buffer(double_quant):
+    a, b = _nf4_layer(0, double_quant=double_quant), _nf4_layer(1, double_quant=double_quant)
+    old = {k: v for k, v in a.state_dict().items() if k != "nf4_offset"}  # as saved before the buffer existed
+    if double_quant:
+        with pytest.raises(RuntimeError, match="cannot be recovered"):
+            b.load_state_dict(old)
+    else:
+        b.load_state_dict(old)
+        x = torch.randn(3, 64)
+        assert torch.equal(b(x), a(x))
+
+
+def test_nf4_layer_built_and_run_in_inference_mode(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    with torch.inference_mode():
+        layer = _nf4_layer()
+        y = layer(torch.randn(3, 64))
+    assert y.shape == (3, 32)
+    with torch.no_grad():
+        assert layer(torch.randn(3, 64)).shape == (3, 32)
+
+
+def test_fuse_ops_with_functional_silu():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    mlp = model.model.layers[0].mlp
+    del mlp.act_fn  # a plain function instead of the SiLU module
+    mlp.act_fn = torch.nn.functional.silu
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = lora_fast.fuse_ops(model)
+    assert "model.layers.0.mlp" in report.converted
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want)
+    lora_fast.unfuse_ops(model)
+
+
+def test_unpatch_reports_a_layer_it_cannot_restore(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    pm = peft.get_peft_model(_One(nn.Linear(16, 16)), peft.LoraConfig(r=4, target_modules=["proj"]))
+    lora_fast.patch(pm)
+    layer = pm.base_model.model.proj
+    layer.forward = lambda x: x  # replaced on the instance after patching
+    with pytest.warns(RuntimeWarning, match="keeps its patched class"):
+        restored = lora_fast.unpatch(pm)
+    assert "base_model.model.proj" not in restored

@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from bench import cli, report
 
 GPU_ONLY = ("lora_fast_triton", "lora_fast_cuda", "lora_fast_dense_triton", "lora_fast_dense_cuda")
@@ -152,11 +154,19 @@ def test_bf16_loss_curve_follows_fp32_not_peft_rounding():
     assert dist["single"] < 0.3 * dist["peft_bf16"], dist
 
 
-def test_launch_count_one_layer():
-    """bench.launch_count: the host work of one e2e step, counted (CPU, one layer)."""
-    from bench.launch_count import run
+def test_launch_count_one_layer(tmp_path):
+    """bench.launch_count: the host work of one e2e step, counted (CPU, one layer).  In a
+    subprocess: it imports the kernels under TRITON_INTERPRET=1, which would leave them
+    interpreted for the rest of a GPU test session."""
+    import json
+    import subprocess
+    import sys
 
-    res = run("h100", layers=1)["variants"]
+    out = tmp_path / "lc.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.launch_count", "--profile", "h100", "--layers", "1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["variants"]
     peft, lf, fused = res["peft_bnb"], res["lora_fast"], res["lora_fast_fused"]
     assert peft["triton_launches"] == 0 and lf["triton_launches"] >= 7 * 4  # 7 projections, 4-5 launches a step
     assert fused["kernels"] < lf["kernels"] < peft["kernels"]
