@@ -29,6 +29,8 @@ import sys
 import warnings
 from typing import Dict
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 # ATen ops that launch no device work (views, allocations, metadata)
 NO_LAUNCH = {
     "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "detach", "alias", "as_strided",
@@ -40,20 +42,17 @@ NO_LAUNCH = {
 }
 
 
-def _count_mode():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+class OpCount(TorchDispatchMode):
+    """Counts every ATen op dispatched inside it by name (``self.ops``); also what
+    tests/test_host_ops.py budgets one layer's step with."""
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    return Count()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -102,7 +101,7 @@ def count_step(model, ids) -> Dict[str, object]:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm: lazy state (optimizer moments, caches) is not part of a steady step
-    mode = _count_mode()
+    mode = OpCount()
     with mode:
         step()
     ops = mode.ops

@@ -93,6 +93,15 @@ def rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_chunk(x_ptr, dy_ptr, w_ptr, row, stride_x, stride_dy, c, m):
+    """x, dy and w of one column chunk of a row, in fp32 (both passes of the chunked backward)."""
+    x = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * stride_dy + c, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    return x, dy, w
+
+
+@triton.jit
 def rmsnorm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr,
     M, N, stride_dy, stride_x, stride_dx, ROWS,
@@ -131,17 +140,13 @@ def rmsnorm_bwd_kernel(
                 for start in range(0, N, BLOCK_N):
                     c = start + cols
                     m = c < N
-                    x = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_ptr + row * stride_dy + c, mask=m, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+                    x, dy, w = _bwd_chunk(x_ptr, dy_ptr, w_ptr, row, stride_x, stride_dy, c, m)
                     acc += dy * w * x
                 mean_gx = tl.sum(acc, axis=0) * rstd / N
                 for start in range(0, N, BLOCK_N):
                     c = start + cols
                     m = c < N
-                    x = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_ptr + row * stride_dy + c, mask=m, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+                    x, dy, w = _bwd_chunk(x_ptr, dy_ptr, w_ptr, row, stride_x, stride_dy, c, m)
                     xhat = x * rstd
                     dx = rstd * (dy * w - xhat * mean_gx)
                     tl.store(dx_ptr + row * stride_dx + c, round_to(dx, dx_ptr.dtype.element_ty, EMULATE_RNE), mask=m)

@@ -469,6 +469,13 @@ class NF4Tensor:
         """(16,) fp32 NF4 code values on this tensor's device."""
         return _cached("nf4", self.device, lambda: NF4_CODE)
 
+    def operand(self) -> "NF4Operand":
+        """This tensor as the operand the kernels take (the same tensors, no copy)."""
+        from ._operand import NF4Operand
+
+        return NF4Operand(self.packed, self.absmax, self.absmax2, self.code2, float(self.offset), self.blocksize,
+                          self.nested_blocksize, (int(self.shape[0]), int(self.shape[1])), self.code)
+
     def numel(self) -> int:
         return self.shape.numel()
 

@@ -105,22 +105,14 @@ def _fallback(op: str, why: str) -> None:
 
 def _n_programs_cap(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        from ._lowrank import _device_info  # (SM count, L2), cached per device
+
+        return 4 * _device_info(device)[0]
     return 8
-
-
-_SM: Dict[int, int] = {}
 
 
 def _interpreting() -> bool:
     return _backend._interpreting()
-
-
-def _sm_count(index: int) -> int:
-    n = _SM.get(index)
-    if n is None:
-        n = _SM[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,9 +52,7 @@ def _as_base(base) -> Base:
     from . import nf4 as nf4_mod
 
     if isinstance(base, nf4_mod.NF4Tensor):
-        return NF4Operand(base.packed, base.absmax, base.absmax2, base.code2, float(base.offset), base.blocksize,
-                          base.nested_blocksize, (int(base.shape[0]), int(base.shape[1])),
-                          nf4_mod.NF4_CODE.to(base.packed.device))
+        return base.operand()
     raise TypeError(f"base must be a weight tensor, an NF4Tensor or an NF4Operand, got {type(base).__name__}")
 
 
@@ -202,9 +200,7 @@ def _reference_fn(base: Base, scaling: float, dropout_p: float, seed: int, backe
     forward's ``backend`` drew (the kernels' Philox ``tl.rand`` stream, or the torch backend's)."""
 
     def fn(x, A, B, bias):
-        dt = x.dtype
-        w = _dense(base, dt).to(dt)
-        xd = x
+        mask = None
         if dropout_p > 0:
             if backend == "torch":
                 mask = ref.dropout_scale_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
@@ -212,9 +208,7 @@ def _reference_fn(base: Base, scaling: float, dropout_p: float, seed: int, backe
                 from . import _lowrank
 
                 mask = _lowrank.dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-            xd = x * mask.to(dt)
-        y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(dt))
-        return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt))
+        return ref.lora_linear_ref(x, _dense(base, x.dtype), bias, A, B, scaling, mask)
 
     return fn
 

@@ -307,9 +307,7 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     key = (id(w), w.data_ptr(), id(qs), w.device)
     if cached is not None and cached[0] == key and cached[2] is qs:
         return cached[1]
-    q = nf4_mod.NF4Tensor.from_bnb(w)
-    op = NF4Operand(q.packed, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize, q.nested_blocksize,
-                    (int(q.shape[0]), int(q.shape[1])), q.code)
+    op = nf4_mod.NF4Tensor.from_bnb(w).operand()
     layer.__dict__["_lf_nf4_cache"] = (key, op, qs)
     return op
 

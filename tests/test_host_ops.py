@@ -6,12 +6,11 @@ tests count what one forward + backward issues, with the Triton launches stubbed
 are not checked here; the parity tests do that), so a change that adds host work shows up as a
 failure to be justified.  The counts are the CPU (interpreter) decomposition: on a GPU the split
 counts of the reductions depend on the SM count, so these run on the CPU only."""
-import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.launch_count import OpCount
 from lora_fast import LoRALinear, NF4LoRALinear
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU decomposition (split counts depend on the GPU)")
@@ -41,16 +40,6 @@ class _FakeGemm:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append("lora_gemm")
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("case", sorted(BUDGET))
@@ -89,7 +78,7 @@ def test_host_work_per_step(case, monkeypatch):
         for p in (x, layer.lora_A, layer.lora_B):
             p.grad = None
         launches.clear()
-        with _Count() as count:
+        with OpCount() as count:
             layer(x).backward(dy)
     n_ops = sum(count.ops.values())
     max_ops, want_launches = BUDGET[case]
