@@ -76,7 +76,7 @@ def _stub_launches(launches: collections.Counter):
         (gemm, "lora_gemm_kernel_heur", FakeGemm()),
         (_lowrank, "_device_info", lambda device: (132, 50 << 20)),  # an H100's SMs and L2: its split choices
         (_lowrank, "_interp_or", lambda value, config, key: value),
-        (ops, "kernel_issue", lambda x, A, B: None),  # counting only: let the GPU path run on the CPU
+        (ops, "kernel_issue", lambda x, A, B, base=None, bias=None: None),  # counting only: let the GPU path run on the CPU
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:

@@ -75,6 +75,8 @@ def cuda_status(device: torch.device) -> Tuple[bool, str]:
 
 
 def record(backend: str, path: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a lock cannot be traced; the compiled graph's calls are not counted
     with _lock:
         _stats[(backend, path)] += 1
 

@@ -184,9 +184,14 @@ def _default_adapter(model: nn.Module) -> Optional[str]:
     _, _, LoraLayer = _peft_classes()
     if LoraLayer is None:
         return None
-    names = getattr(model, "active_adapters", None)
-    if callable(names):  # PeftModel.active_adapters is a property, LoraModel's too; be safe
-        names = names()
+    try:
+        names = getattr(model, "active_adapters", None)
+        if callable(names):  # PeftModel.active_adapters is a property, LoraModel's too; be safe
+            names = names()
+    except ValueError:
+        # transformers' PeftAdapterMixin.active_adapters() raises when transformers did not load
+        # the adapter itself (e.g. peft.inject_adapter_in_model): read the layers instead
+        names = None
     if names is None:
         active = set()
         for mod in model.modules():

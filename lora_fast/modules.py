@@ -9,6 +9,7 @@ layer equals its base.  Adapter weights are fp32 by default, as PEFT keeps them.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -37,8 +38,9 @@ class _LoRABase(nn.Module):
         device,
         adapter_dtype: torch.dtype,
     ) -> None:
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+        r = int(r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if r > min(in_features, out_features):
@@ -145,8 +147,7 @@ class LoRALinear(_LoRABase):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``; its weight and bias tensors are shared, not copied."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_dense_linear(linear)
         return cls(
             linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
             bias=linear.bias is not None, adapter_dtype=adapter_dtype,
@@ -266,6 +267,13 @@ class NF4LoRALinear(_LoRABase):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # refresh the float now: the buffer was copied into in place, which an inference tensor's
+        # (absent) version counter cannot show, and a compiled forward reads only the float
+        val = state_dict.get(key)
+        buf = self._buffers.get("nf4_offset")
+        if isinstance(val, Tensor) and val.numel() == 1 and buf is not None and buf.device.type != "meta":
+            if val.device.type != "meta":
+                self._offset, self._offset_key = float(val), _buffer_key(buf)
 
     def _apply(self, fn, recurse=True):
         keep = {n: b for n in self._FP32_STATS if (b := self._buffers.get(n)) is not None and b.dtype == torch.float32}
@@ -289,8 +297,7 @@ class NF4LoRALinear(_LoRABase):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> "NF4LoRALinear":
         """Quantise an ``nn.Linear``'s weight to NF4 (bit-exact with bitsandbytes) and wrap it."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_dense_linear(linear)
         q = nf4_mod.quantize(linear.weight.data, blocksize=blocksize, double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.data
         return cls(q, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
@@ -383,13 +390,28 @@ class NF4LoRALinear(_LoRABase):
         self.merged = False
 
 
+def _check_dense_linear(linear) -> None:
+    """``from_linear`` takes a dense ``nn.Linear``; a bitsandbytes 4-bit/8-bit layer (an
+    ``nn.Linear`` subclass holding packed integer weights) is pointed to ``from_bnb``."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    w = linear.weight
+    if type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point:
+        raise TypeError(
+            f"from_linear expects a dense floating-point nn.Linear, got a {type(linear).__name__} whose weight is "
+            f"{type(w).__name__} of dtype {w.dtype}; for a bitsandbytes 4-bit layer use NF4LoRALinear.from_bnb"
+        )
+
+
 def _buffer_key(buf: Tensor) -> tuple:
-    """What identifies a buffer's value without reading it: the object and its version counter
-    (inference tensors have no version counter, and cannot change outside inference mode)."""
+    """What identifies a buffer's value without reading it: the object, its storage (``.data = t``
+    swaps it under the same object) and its version counter (in-place writes).  Inference tensors
+    have no version counter: an in-place write to one inside ``inference_mode`` is seen only when
+    it comes through ``load_state_dict`` (which refreshes the float itself)."""
     try:
-        return (id(buf), buf._version)
+        return (id(buf), buf.data_ptr(), buf._version)
     except RuntimeError:
-        return (id(buf), None)
+        return (id(buf), buf.data_ptr(), None)
 
 
 def _autocast_input(x: Tensor) -> Tensor:
@@ -403,9 +425,13 @@ def _autocast_input(x: Tensor) -> Tensor:
 
 
 def count_parameters(model: nn.Module) -> tuple:
-    """(trainable, total) parameter counts; NF4 bases count their logical (out×in) elements."""
+    """(trainable, total) parameter counts; NF4 bases (lora_fast's, or bitsandbytes' ``Params4bit``)
+    count their logical (out×in) elements."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None) if type(p).__name__ == "Params4bit" else None
+        total += torch.Size(shape).numel() if shape is not None else p.numel()
     for mod in model.modules():
         if isinstance(mod, NF4LoRALinear):
             total += mod.weight_shape.numel()

@@ -224,6 +224,9 @@ def _check_input(W: Tensor, blocksize: int) -> None:
         raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes accepts {SUPPORTED_BLOCKSIZES}")
     if W.numel() == 0:
         raise ValueError(f"cannot quantise an empty tensor (shape {tuple(W.shape)})")
+    if W.device.type == "meta":
+        raise ValueError(f"cannot quantise a weight on the meta device (shape {tuple(W.shape)}): NF4 quantisation "
+                         "needs its values; materialise it first (e.g. module.to_empty(...) and load the weights)")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> bool:
@@ -473,6 +476,9 @@ class NF4Tensor:
         """This tensor as the operand the kernels take (the same tensors, no copy)."""
         from ._operand import NF4Operand
 
+        if len(self.shape) != 2:
+            raise ValueError(f"an NF4 base weight must be 2-D (out_features, in_features), got shape "
+                             f"{tuple(self.shape)}")
         return NF4Operand(self.packed, self.absmax, self.absmax2, self.code2, float(self.offset), self.blocksize,
                           self.nested_blocksize, (int(self.shape[0]), int(self.shape[1])), self.code)
 

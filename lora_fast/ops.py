@@ -33,10 +33,16 @@ _EMPTY = torch.empty(0)
 def _trainable_base(x: Tensor, w: Tensor, bias, A: Tensor, B: Tensor, scaling: float, dropout_p: float) -> Tensor:
     """The base weight requires grad (a frozen-base op would silently drop dW0): plain PyTorch
     autograd, warned once and counted."""
-    why = "the base weight requires grad (lora_fast's kernels never compute dW0)"
+    return _plain_autograd(x, w, bias, A, B, scaling, dropout_p,
+                           "the base weight requires grad (lora_fast's kernels never compute dW0)",
+                           " Freeze it (weight.requires_grad_(False)) for the fast path")
+
+
+def _plain_autograd(x: Tensor, w: Tensor, bias, A: Tensor, B: Tensor, scaling: float, dropout_p: float, why: str,
+                    hint: str = "") -> Tensor:
+    """The layer as plain PyTorch autograd (what PEFT runs), warned once and counted."""
     if not torch.compiler.is_compiling():
-        _backend.warn_once(f"base-grad:{why}", f"lora_fast: {why}; running plain PyTorch autograd. Freeze it "
-                                               "(weight.requires_grad_(False)) for the fast path")
+        _backend.warn_once(f"plain:{why}", f"lora_fast: {why}; running plain PyTorch autograd.{hint}")
         _backend.record("torch", f"fallback({why})")
     dt = x.dtype
     xd = torch.nn.functional.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
@@ -90,26 +96,36 @@ def _auto_gemv(x: Tensor, base: Base, bias, A: Tensor, B: Tensor, dropout_p: flo
     return ok
 
 
-def kernel_issue(x: Tensor, A: Tensor, B: Tensor) -> Optional[str]:
+def kernel_issue(x: Tensor, A: Tensor, B: Tensor, base: Optional[Base] = None,
+                 bias: Optional[Tensor] = None) -> Optional[str]:
     """Why the Triton/CUDA kernels cannot compute this call correctly (None: they can)."""
-    if A.dtype in _KERNEL_FLOAT and B.dtype in _KERNEL_FLOAT and (x.dtype is not torch.bfloat16
-                                                                 or x.device.type != "cpu"):
-        return None  # the usual case, decided in three set/identity tests
+    if (A.dtype in _KERNEL_FLOAT and B.dtype in _KERNEL_FLOAT and x.dtype in _KERNEL_FLOAT
+            and (x.dtype is not torch.bfloat16 or x.device.type != "cpu")
+            and (base is None or type(base) is NF4Operand or base.dtype in _KERNEL_FLOAT)
+            and (bias is None or bias.dtype in _KERNEL_FLOAT)):
+        return None  # the usual case, decided in a few set/identity tests
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         return ("bf16 activations in the Triton CPU interpreter, whose tl.dot computes bf16 wrongly "
                 "(use float16/float32 there, or LORA_FAST_BACKEND=torch)")
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"the input is {x.dtype}; the kernels compute in float16, bfloat16 or float32"
     for name, t in (("lora_A", A), ("lora_B", B)):
         if t.dtype not in _FLOAT_DTYPES:
             return f"{name} is {t.dtype}; the kernels take float16, bfloat16 or float32 adapter weights"
+    if base is not None and type(base) is not NF4Operand and base.dtype not in _FLOAT_DTYPES:
+        return f"the base weight is {base.dtype}; the kernels take a float16, bfloat16 or float32 (or NF4) base"
+    if bias is not None and bias.dtype not in _FLOAT_DTYPES:
+        return f"the bias is {bias.dtype}; the kernels take a float16, bfloat16 or float32 bias"
     return None
 
 
-def _usable(backend: str, x: Tensor, A: Tensor, B: Tensor) -> str:
+def _usable(backend: str, x: Tensor, A: Tensor, B: Tensor, base: Optional[Base] = None,
+            bias: Optional[Tensor] = None) -> str:
     """``backend``, or 'torch' where the kernels cannot take this call under ``auto`` (warned
     once and counted); a backend named in ``LORA_FAST_BACKEND`` that cannot take it raises."""
     if backend == "torch":
         return backend
-    why = kernel_issue(x, A, B)
+    why = kernel_issue(x, A, B, base, bias)
     if why is None:
         return backend
     name = _backend.requested_backend()
@@ -164,7 +180,7 @@ def _backward_impl(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float
 
 
 def _forward_run(x, base: Base, bias, A, B, scaling: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
-    backend = _usable(_backend.select(x.device), x, A, B)
+    backend = _usable(_backend.select(x.device), x, A, B, base, bias)
     if backend == "triton" and _auto_gemv(x, base, bias, A, B, dropout_p):
         backend = "cuda"
     if backend == "triton":
@@ -181,7 +197,7 @@ def _forward_run(x, base: Base, bias, A, B, scaling: float, dropout_p: float, se
 
 
 def _backward_run(dy, x, xa, base: Base, A, B, scaling: float, dropout_p: float, seed: int, flags: List[bool]):
-    backend = _usable(_backend.select(dy.device), x, A, B)
+    backend = _usable(_backend.select(dy.device), x, A, B, base)
     if backend == "triton":
         from . import triton_backend
 
@@ -231,7 +247,7 @@ class _EagerLoRA(torch.autograd.Function):
     def backward(ctx, dy):
         x, xa, A, B = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the kernels' backward is not differentiable
-            backend = _usable(_backend.select(x.device), x, A, B)
+            backend = _usable(_backend.select(x.device), x, A, B, ctx.base)
             return _backend.graph_backward(_reference_fn(ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed, backend),
                                            (x, A, B, ctx.bias), (dy,), "lora_linear") + (None,) * 4
         need = ctx.needs_input_grad
@@ -378,8 +394,8 @@ def lora_linear(
         raise ValueError("input must have at least one dimension (..., in_features), got a 0-d tensor")
     if xs[-1] != k:
         raise ValueError(f"input has {xs[-1]} features in its last dim, but the layer expects in_features={k}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input dtype {x.dtype} is not supported (use float16, bfloat16 or float32)")
+    if x.dtype not in _FLOAT_DTYPES and x.dtype is not torch.float64:
+        raise TypeError(f"input dtype {x.dtype} is not supported (use float16, bfloat16, float32 or float64)")
     wdev = base.device
     if x.device != wdev:
         raise ValueError(f"input is on {x.device} but the layer's weights are on {wdev}")
@@ -397,7 +413,21 @@ def lora_linear(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if type(base) is not NF4Operand and base.requires_grad and torch.is_grad_enabled():
         return _trainable_base(x, base, bias, lora_A, lora_B, float(scaling), float(dropout_p))
+    if x.dtype is torch.float64:  # no kernel computes in fp64 (as PEFT does on a float64 model)
+        return _plain_autograd(x, _dense(base, x.dtype), bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                               "float64 activations (the kernels compute in float16, bfloat16 or float32)")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
     lead = xs[:-1]
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev, functional_call): the reference expressions, which the
+        # transforms can differentiate and batch (the kernels' autograd Functions define no rules)
+        _backend.record("torch", "reference(torch.func transform)")
+        mask = None
+        if dropout_p > 0:
+            seed_int = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+            mask = ref.dropout_scale_mask(seed_int, math.prod(lead), k, float(dropout_p), x.device).view(*lead, k)
+        return ref.lora_linear_ref(x, _dense(base, x.dtype), bias, lora_A, lora_B, float(scaling), mask)
     x2 = x.reshape(-1, k) if k else x.reshape(math.prod(lead), 0)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -535,6 +565,10 @@ def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
     layers = list(layers)
     if not layers:
         raise ValueError("lora_linear_grouped needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not all(hasattr(layer, a) for a in ("lora_A", "lora_B", "scaling", "merged", "in_features")):
+            raise TypeError(f"lora_linear_grouped: layer {i} is a {type(layer).__name__}, not a lora_fast "
+                            "LoRALinear/NF4LoRALinear")
     k = layers[0].in_features
     for layer in layers:
         if layer.in_features != k:
@@ -569,8 +603,12 @@ def grouped_call(x: Tensor, group: List[Tuple[Base, Optional[Tensor], Tensor, Te
         why = "torch.compile"
     elif _backend.select(x.device) != "triton":
         why = "backend is not triton"
-    elif any(kernel_issue(x, A, B) for _, _, A, B, _ in group):
-        why = next(kernel_issue(x, A, B) for _, _, A, B, _ in group if kernel_issue(x, A, B))
+    elif any(type(base) is not NF4Operand and base.requires_grad and torch.is_grad_enabled()
+             for base, _, _, _, _ in group):
+        why = "trainable base weight"
+    elif any(kernel_issue(x, A, B, base, bias) for base, bias, A, B, _ in group):
+        why = next(kernel_issue(x, A, B, base, bias) for base, bias, A, B, _ in group
+                   if kernel_issue(x, A, B, base, bias))
     else:
         from . import triton_backend as tb
 

@@ -47,6 +47,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+import torch.nn.modules.module as _nn_module
 
 from . import _backend
 from . import nf4 as nf4_mod
@@ -146,6 +147,10 @@ class _FastForwardMixin:
                 _fallback(self, "active adapter has lora_bias=True")
                 return None
         base_layer = self.get_base_layer()
+        if _hooked(base_layer, self, active):
+            _fallback(self, "hooks on its base layer or LoRA submodules (PEFT's forward calls those modules; the "
+                            "fused path reads their weights directly)")
+            return None
         if "_hf_hook" in base_layer.__dict__ and _offload_reason(self, active):
             _fallback(self, "weights offloaded by accelerate hooks")
             return None
@@ -169,6 +174,29 @@ class _FastForwardMixin:
             return (xc, _nf4_operand(self, base_layer), None if bias is None else bias.to(xc.dtype), A, B, s, p, x.dtype)
         xc = _autocast_input(x)
         return (xc, base_layer.weight, None if bias is None else bias.to(xc.dtype), A, B, s, p, None)
+
+
+def _has_module_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _hooked(base_layer: nn.Module, layer: nn.Module, active) -> bool:
+    """Hooks that PEFT's forward would run and the fused path would bypass: on the base layer or
+    an active adapter's lora_A / lora_B / lora_dropout module (e.g. DeepSpeed ZeRO-3's parameter
+    gathering, activation probes), or global module hooks."""
+    if _has_module_hooks(base_layer) or _global_hooks():
+        return True
+    for a in active:
+        if (_has_module_hooks(layer.lora_A[a]) or _has_module_hooks(layer.lora_B[a])
+                or _has_module_hooks(layer.lora_dropout[a])):
+            return True
+    return False
+
+
+def _global_hooks() -> bool:
+    _m = _nn_module
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
 
 
 def _run_spec(spec) -> Tensor:
@@ -286,11 +314,7 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
             "or convert the layers with lora_fast.apply_lora / NF4LoRALinear.from_bnb, whose NF4 bytes are buffers."
         )
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-        # bitsandbytes repacked the weight for its AVX512 CPU kernel (inference); restore the
-        # standard layout in place, as bitsandbytes itself does before saving.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        _restore_bnb_layout(w)
         qs = w.quant_state
     cached = layer.__dict__.get("_lf_nf4_cache")
     if torch.compiler.is_compiling():
@@ -310,6 +334,16 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     op = nf4_mod.NF4Tensor.from_bnb(w).operand()
     layer.__dict__["_lf_nf4_cache"] = (key, op, qs)
     return op
+
+
+def _restore_bnb_layout(w) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512 CPU kernel at the first CPU inference
+    forward; restore the standard layout in place, as bitsandbytes itself does before saving."""
+    qs = getattr(w, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
 
 
 def swap_class(mod: nn.Module, new_cls: type) -> Optional[str]:
@@ -398,6 +432,7 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     base = mod.get_base_layer()
     if _is_bnb_4bit(base):
         try:
+            _restore_bnb_layout(base.weight)
             nf4_mod.NF4Tensor.from_bnb(base.weight)
         except Exception as exc:
             return f"unsupported 4-bit base layer: {exc}"
@@ -413,8 +448,9 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
             return f"active adapter {a!r} uses {label}, which lora_fast does not implement"
         if mod.lora_bias.get(a, False):
             return f"active adapter {a!r} uses lora_bias=True"
-    if len(adapters) > 1 and any(isinstance(mod.lora_dropout[a], nn.Dropout) and mod.lora_dropout[a].p > 0
-                                 for a in adapters):
+    if len(adapters) > 1 and any(_dropout_p(mod.lora_dropout[a]) > 0 for a in adapters):
+        # (in eval() dropout is off and the layer converts; a later train() runs PEFT's forward
+        # for such a layer, warned and counted)
         return f"several active adapters {adapters} with dropout: PEFT mixes them with independent masks"
     return _offload_reason(mod, adapters)
 
@@ -443,6 +479,7 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
         from peft.tuners.lora import LoraLayer
     except Exception as exc:  # pragma: no cover
         raise ImportError("lora_fast.patch needs PEFT installed") from exc
+    sets = _sibling_sets(group_siblings) if group_siblings else None  # checked before anything changes
     report = PatchReport()
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
@@ -461,8 +498,7 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
         if _is_bnb_4bit(base):
             _nf4_operand(mod, base)  # built eagerly: torch.compile traces the cached view
         report.converted.append(name)
-    if group_siblings:
-        sets = SIBLING_SETS if group_siblings is True else [tuple(g) for g in group_siblings]
+    if sets is not None:
         report.groups = _install_groups(model, sets)
     else:
         _remove_groups(model)  # patching again without grouping turns it off
@@ -480,6 +516,34 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
     return report
 
 
+def _sibling_sets(group_siblings) -> List[tuple]:
+    """``patch``'s ``group_siblings`` as a list of name tuples: True gives :data:`SIBLING_SETS`;
+    otherwise a list of sets of child names (each at least two names, no name in two sets)."""
+    if group_siblings is True:
+        return list(SIBLING_SETS)
+    bad = TypeError(
+        "group_siblings takes True or a list of sets of sibling names, e.g. [('q_proj', 'k_proj', 'v_proj'), "
+        f"('gate_proj', 'up_proj')]; got {group_siblings!r}"
+    )
+    if isinstance(group_siblings, (str, bytes)) or not isinstance(group_siblings, Iterable):
+        raise bad
+    sets, seen = [], {}
+    for g in group_siblings:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Iterable):
+            raise bad
+        names = tuple(g)
+        if not all(isinstance(n, str) for n in names):
+            raise bad
+        if len(names) < 2:
+            raise ValueError(f"group_siblings: the set {names!r} names fewer than two layers")
+        for n in names:
+            if n in seen:
+                raise ValueError(f"group_siblings: {n!r} is named in two sibling sets ({seen[n]!r} and {names!r})")
+            seen[n] = names
+        sets.append(names)
+    return sets
+
+
 def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[List[str]]:
     """Attach a :class:`_SiblingGroup` to every parent's patched children named by one of
     ``sets`` (at least two present, equal in_features), with the parent's forward hooks that
@@ -493,8 +557,9 @@ def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[Lis
                        if isinstance(children.get(c), _FastForwardMixin)]
             if len(members) < 2 or len({int(m.in_features) for _, m in members}) != 1:
                 continue
-            if any("_lf_group" in m.__dict__ for _, m in members):
-                raise ValueError(f"group_siblings: {pname}.{members[0][0]} is named in two sibling sets")
+            dup = [c for c, m in members if "_lf_group" in m.__dict__]
+            if dup:
+                raise ValueError(f"group_siblings: {pname}.{dup[0]} is named in two sibling sets")
             group = _SiblingGroup([m for _, m in members])
             for _, m in members:
                 m.__dict__["_lf_group"] = group
@@ -586,6 +651,10 @@ def apply_lora(
             raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({exc})") from exc
     else:
         pattern = None
+    if not isinstance(target_modules, str) and (not isinstance(target_modules, Iterable)
+                                                or not all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be 'all-linear', a regular expression or a list of module names, "
+                        f"got {target_modules!r}")
     names = None if isinstance(target_modules, str) else list(target_modules)
     if names is not None and not names:
         raise ValueError("target_modules is empty")

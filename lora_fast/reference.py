@@ -85,6 +85,12 @@ def forward(
     return y, xa.to(torch.float32)
 
 
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in fp32 (fp16/bf16 operands upcast: their products are exact in fp32, so this is
+    the fp32-accumulated product the kernels compute)."""
+    return torch.mm(a, b) if a.dtype == torch.float32 and b.dtype == torch.float32 else torch.mm(a.float(), b.float())
+
+
 def backward(
     dy: Tensor,
     x: Tensor,
@@ -99,7 +105,10 @@ def backward(
     """Torch-backend backward: (dx, dA, dB, dbias) for the flags in ``needs``; dW0 never."""
     need_dx, need_da, need_db, need_dbias = needs
     dt = dy.dtype
-    dyb = dy @ B.to(dt)  # (M, r)
+    # dY·B, dA and dB accumulate and come out in fp32 as the kernels' passes do (an fp16 product
+    # would overflow where the fp32 adapter gradient does not); dY·B enters the next products in
+    # the activation dtype, as in the kernels
+    dyb = _mm_f32(dy, B.to(dt)).to(dt)  # (M, r)
     dx = da = db = dbias = None
     if need_dx:
         adapter = (dyb @ A.to(dt)).mul_(scaling)
@@ -108,9 +117,9 @@ def backward(
         dx = adapter.to(dt).addmm_(dy, w.to(dt)).to(x.dtype)  # one rounding, as in forward
     if need_da:
         xd = x if mask is None else (x * mask).to(dt)
-        da = (scaling * (dyb.t() @ xd.to(dt))).to(A.dtype)
+        da = _mm_f32(dyb.t(), xd.to(dt)).mul_(scaling).to(A.dtype)
     if need_db:
-        db = (scaling * (dy.t() @ xa.to(dt))).to(B.dtype)
+        db = _mm_f32(dy.t(), xa.to(dt)).mul_(scaling).to(B.dtype)
     if need_dbias:
         dbias = dy.sum(0)
     return dx, da, db, dbias

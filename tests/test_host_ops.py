@@ -58,7 +58,7 @@ def test_host_work_per_step(case, monkeypatch):
     monkeypatch.setattr(kernel_module("lora_gemm"), "lora_gemm_kernel_heur", _FakeGemm(launches))
     # bf16 activations are refused on the CPU interpreter (its bf16 tl.dot is wrong); nothing is
     # computed here (launches stubbed), so let the call through to count the GPU path's host work
-    monkeypatch.setattr(ops_mod, "kernel_issue", lambda x, A, B: None)
+    monkeypatch.setattr(ops_mod, "kernel_issue", lambda x, A, B, base=None, bias=None: None)
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
     monkeypatch.setenv("LORA_FAST_TRITON_PATH", "")
     kind = case.split("-")[0]
