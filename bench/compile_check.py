@@ -818,7 +818,7 @@ def main(argv=None) -> int:
         for r in res:
             key = r["status"].split(" on ")[0] if r["status"].startswith("pruned") else r["status"]
             counts[key] = counts.get(key, 0) + 1
-        print("Triton: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        print(f"Triton {triton.__version__}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if not args.no_cuda:
         cuda = compile_cuda(archs)
         report["cuda"] = cuda

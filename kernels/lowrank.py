@@ -41,7 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (elements held per thread); configs above SMEM_LIMIT or the load limits are dropped for the
 # launch at hand (they spill or exceed sm_86's 99 KiB), and if none is left the cheapest one
 # runs.  The limits depend on BLOCK_R and on the element size, so each list is wide and the
-# prune keeps the sensible part of it.
+# prune keeps the sensible part of it.  Every config a prune can keep also compiles without
+# spills under triton 3.6 (the GPU image's): configs that spilled there only (4-warp dA/XA tiles
+# with the dropout mask, 256-wide dA/merge rows) now use 8 warps or a narrower tile.
 SMEM_LIMIT = 96 * 1024  # sm_86: 99 KiB of dynamic shared memory per block (sm_80 163, sm_90 227)
 MAX_BLOCK_R = 128
 MAX_BLOCK_R_IEEE = 32  # fp32 operands run on FMA: larger rank tiles spill
@@ -84,8 +86,8 @@ def _launch_args(named_args, kwargs):
 XA_CONFIGS = [
     _cfg(4, 3, BLOCK_M=16, BLOCK_K=128),
     _cfg(4, 3, BLOCK_M=16, BLOCK_K=256),
-    _cfg(4, 3, BLOCK_M=16, BLOCK_K=64),
-    _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=16, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
     _cfg(8, 4, BLOCK_M=64, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
@@ -136,10 +138,9 @@ DY_CONFIGS = [
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=128),
     _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=32),
-    _cfg(8, 2, BLOCK_M=64, BLOCK_N=32),
-    _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
+    _cfg(4, 2, BLOCK_M=64, BLOCK_N=32),
     _cfg(4, 3, BLOCK_M=16, BLOCK_N=64),
-    _cfg(8, 3, BLOCK_M=16, BLOCK_N=32),
+    _cfg(8, 3, BLOCK_M=16, BLOCK_N=64),
     # small tiles for fp32 operands (FMA path)
     _cfg(8, 2, BLOCK_M=16, BLOCK_N=16),
     _cfg(8, 2, BLOCK_M=32, BLOCK_N=16),
@@ -177,12 +178,11 @@ def prune_dy(configs, named_args, **kwargs):
 # dA-partials = s·dYBᵀ @ drop(x)
 # ----------------------------------------------------------------------------------------------
 DA_CONFIGS = [
-    _cfg(4, 3, BLOCK_M=32, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_K=128),
     _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=64),
-    _cfg(8, 2, BLOCK_M=64, BLOCK_K=128),
     _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
-    _cfg(8, 4, BLOCK_M=32, BLOCK_K=256),
+    _cfg(8, 4, BLOCK_M=32, BLOCK_K=128),
     _cfg(8, 4, BLOCK_M=32, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
     _cfg(4, 3, BLOCK_M=16, BLOCK_K=64),
@@ -221,14 +221,14 @@ def prune_da(configs, named_args, **kwargs):
 # W = deq(W0) [+ s·B@A]  (2-D tiles) and the 1-D NF4 dequant
 # ----------------------------------------------------------------------------------------------
 MERGE_CONFIGS = [
-    _cfg(4, 2, BLOCK_N=16, BLOCK_K=256),
+    _cfg(8, 2, BLOCK_N=16, BLOCK_K=256),
     _cfg(4, 2, BLOCK_N=32, BLOCK_K=128),
-    _cfg(4, 2, BLOCK_N=64, BLOCK_K=64),
+    _cfg(8, 2, BLOCK_N=64, BLOCK_K=64),
     _cfg(8, 2, BLOCK_N=32, BLOCK_K=256),
     _cfg(8, 2, BLOCK_N=64, BLOCK_K=128),
     _cfg(8, 2, BLOCK_N=128, BLOCK_K=64),
     # small tiles for fp32 A/B (FMA path)
-    _cfg(4, 2, BLOCK_N=16, BLOCK_K=64),
+    _cfg(8, 2, BLOCK_N=16, BLOCK_K=64),
     _cfg(8, 2, BLOCK_N=32, BLOCK_K=64),
 ]
 MERGE_INTERP_CONFIG = _cfg(4, 1, BLOCK_N=16, BLOCK_K=64)

@@ -34,9 +34,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # BLOCK_K must be a multiple of the quantisation blocksize: 256 covers blocksizes 32..256.
 ROWS_CONFIGS = [
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=1),
 ]
 
