@@ -37,12 +37,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="run the profile's GPU code path on the CPU with shapes mapped down "
                          "(a self-check without a GPU; numbers mean nothing)")
     ap.add_argument("--interpret", action="store_true",
-                    help="on CPU, also run the lora_fast Triton backend through TRITON_INTERPRET (slow)")
+                    help="refused with the reason: the suite's activations are bf16, which the Triton CPU "
+                         "interpreter computes wrongly (the kernels' CPU parity runs in the tests, fp16/fp32)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of benchmarking after which remaining cases are skipped (default: the profile's)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--list", action="store_true", help="print the profiles and providers, then exit")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.interpret:
+        ap.error("--interpret: the suite times bf16 activations, and the Triton CPU interpreter computes bf16 "
+                 "tl.dot wrongly (lora_fast refuses it); the kernels' CPU parity (fp16/fp32) runs in "
+                 "`python -m pytest tests`")
+    if args.budget is not None and not args.budget > 0:
+        ap.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    for flag in ("cases", "providers"):
+        vals = getattr(args, flag)
+        if vals is not None and not _split(vals):
+            ap.error(f"--{flag} was given but names nothing")
+    return args
 
 
 def _split(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -72,8 +84,6 @@ def resolve_cases(profile: P.Profile, asked: Optional[List[str]]) -> List[str]:
 def run(argv: Optional[Sequence[str]] = None, log=print) -> Dict[str, object]:
     """Run the suite; returns the results dict (with ``files``: the paths written)."""
     args = parse_args(argv)
-    if args.interpret:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     from . import report
@@ -90,6 +100,16 @@ def run(argv: Optional[Sequence[str]] = None, log=print) -> Dict[str, object]:
             log(f"{name:<24} {prov.description}")
         return {}
 
+    unknown = [n for n in (_split(args.providers) or []) if n not in all_providers()]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; known: {', '.join(all_providers())}")
+    # the results folder first: a benchmark must not run for minutes and then fail to write
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"--out {args.out!r}: cannot create the results folder ({exc})") from exc
+    if not os.access(args.out, os.W_OK):
+        raise SystemExit(f"--out {args.out!r}: the results folder is not writable")
     dev = make_dev(args.dry_run)
     name = auto_profile(dev) if args.profile == "auto" else args.profile
     profile = P.PROFILES[name]
@@ -104,7 +124,7 @@ def run(argv: Optional[Sequence[str]] = None, log=print) -> Dict[str, object]:
     names = _split(args.providers) or default_names(dev.is_cuda)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    runner = Runner(profile, dev, names, allow_interpret=args.interpret, budget_s=args.budget, log=log)
+    runner = Runner(profile, dev, names, budget_s=args.budget, log=log)
     meta = metadata(dev, label, list(sys.argv[1:] if argv is None else argv))
     prev_threads = torch.get_num_threads()
     if not dev.is_cuda:

@@ -467,8 +467,8 @@ def check_available(p: Provider, device: torch.device, allow_interpret: bool = F
         elif need == "lora_fast":
             _lora_fast()
     if p.lora_fast_backend == "triton" and device.type != "cuda" and not allow_interpret:
-        raise Unavailable("Triton needs a CUDA GPU (its CPU interpreter is for tests/, not benchmarks; "
-                          "--interpret includes it anyway)")
+        raise Unavailable("Triton needs a CUDA GPU (its CPU interpreter is for tests/, not benchmarks: it "
+                          "computes the suite's bf16 tl.dot wrongly)")
     if p.lora_fast_backend == "cuda" and device.type != "cuda":
         raise Unavailable("the CUDA backend needs a CUDA GPU")
 

@@ -176,7 +176,24 @@ def _root_prefix(model: nn.Module) -> str:
 
 
 def _relative(name: str, prefix: str) -> str:
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+    name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    # a torch.compile'd submodule sits under "_orig_mod": not part of the layer's path
+    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule and DDP/DataParallel wrappers (their
+    ``_orig_mod.`` / ``module.`` prefixes are not part of an adapter's keys)."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        break
+    return model
 
 
 def _default_adapter(model: nn.Module) -> Optional[str]:
@@ -231,6 +248,9 @@ def _collect_slots(model: nn.Module, adapter_name: Optional[str]) -> Tuple[List[
             slots.append(_Slot(_relative(name, prefix), mod, adapter))
         if adapter_name is not None and not any(s.adapter is not None for s in slots):
             raise ValueError(f"no PEFT LoRA layer of the model has an adapter named {adapter_name!r}")
+    elif adapter_name is not None and slots:
+        raise ValueError(f"adapter_name={adapter_name!r} was given, but the model has no PEFT LoRA layers "
+                         "(lora_fast's LoRALinear / NF4LoRALinear layers hold one unnamed adapter)")
     return slots, prefix, adapter
 
 
@@ -312,11 +332,22 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     the one active adapter).  Each file is written to a temporary name and renamed, so a
     failed save never leaves a half-written file behind.
     """
+    model = _unwrap(model)
+    if isinstance(model, (LoRALinear, NF4LoRALinear)):
+        raise ValueError(
+            f"save_adapter needs a model holding the LoRA layer, got the {type(model).__name__} itself (its "
+            "adapter keys are named by the layer's path in the model): wrap it, e.g. nn.Sequential(layer), or "
+            "save the model it belongs to"
+        )
     slots, prefix, adapter = _collect_slots(model, adapter_name)
     if not slots:
         raise ValueError(
             f"{type(model).__name__} holds no LoRA layers (lora_fast.LoRALinear / NF4LoRALinear or PEFT LoRA layers)"
         )
+    for s_ in slots:
+        if s_.A.device.type == "meta" or s_.B.device.type == "meta":
+            raise ValueError(f"{s_.path}: the LoRA weights are on the meta device (no values to save); "
+                             "materialise the model first")
     _check_peft_config_savable(model, adapter)
     _check_trainable_bias(model, slots)
     tensors: Dict[str, Tensor] = {}
@@ -515,8 +546,8 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise bad(f"r must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise bad(f"lora_alpha must be a finite number, got {alpha!r}")
     p = cfg.get("lora_dropout", 0.0)
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise bad(f"lora_dropout must be a number in [0, 1), got {p!r}")
@@ -529,7 +560,7 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
         if not isinstance(pat, dict):
             raise bad(f"{field} must be an object, got {type(pat).__name__}")
         for k, v in pat.items():
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if field == "rank_pattern":
                 ok = ok and isinstance(v, int) and v > 0
             if not ok:
@@ -539,6 +570,25 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
             except re.error as exc:
                 raise bad(f"{field} key {k!r} is not a valid regular expression ({exc})") from exc
         out[field] = pat
+    for field in ("target_modules", "exclude_modules"):
+        v = cfg.get(field)
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            raise bad(f"{field} must be a string (regular expression) or a list of names, got {v!r}")
+        if isinstance(v, str) and v != "all-linear":
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise bad(f"{field} {v!r} is not a valid regular expression ({exc})") from exc
+        out[field] = v
+    ltt = cfg.get("layers_to_transform")
+    if isinstance(ltt, int) and not isinstance(ltt, bool):
+        ltt = [ltt]
+    if ltt is not None and not (isinstance(ltt, list) and all(isinstance(i, int) for i in ltt)):
+        raise bad(f"layers_to_transform must be an integer or a list of integers, got {ltt!r}")
+    out["layers_to_transform"] = ltt
+    lp = cfg.get("layers_pattern")
+    out["layers_pattern"] = [lp] if isinstance(lp, str) else (lp or None)
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise bad(f"bias={bias!r} is not supported (lora_fast trains no bias; use 'none')")
@@ -547,6 +597,38 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
         if v not in (off, None, False, [], {}):
             raise bad(f"{field}={v!r} is not supported by lora_fast")
     return out
+
+
+def _names_match(spec, path: str) -> bool:
+    """PEFT's rule: a regular expression matches the whole path; a list entry matches the path
+    or its last components."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == t or path.endswith("." + t) for t in spec)
+
+
+def _config_targets(cfg: dict, path: str) -> bool:
+    """Whether PEFT would build an adapter at module ``path`` from this config (its
+    ``target_modules``, ``exclude_modules`` and ``layers_to_transform``; None or 'all-linear'
+    target_modules: any adapted layer)."""
+    tm = cfg.get("target_modules")
+    if tm is not None and tm != "all-linear" and not _names_match(tm, path):
+        return False
+    ex = cfg.get("exclude_modules")
+    if ex and _names_match(ex, path):
+        return False
+    ltt = cfg.get("layers_to_transform")
+    if ltt is not None and not isinstance(tm, str):  # PEFT applies it to list targets only
+        patterns = cfg.get("layers_pattern")
+        idx = None
+        for pat in (patterns or [None]):
+            m = re.match(rf".*\.{pat}\.(\d+)\." if pat else r".*\.[^.]*\.(\d+)\.", path)
+            if m is not None:
+                idx = int(m.group(1))
+                break
+        if idx is None or idx not in ltt:
+            return False
+    return True
 
 
 def _read_weights(w_path: str) -> Dict[str, Tensor]:
@@ -575,6 +657,10 @@ def load_adapter(
 
     Returns the module paths (relative to the base model) that were loaded.
     """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} is a file; pass the adapter directory that holds it "
+                                f"({CONFIG_NAME} and {WEIGHTS_NAME})")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter directory {path!r} does not exist")
     cfg_path = os.path.join(path, CONFIG_NAME)
@@ -591,6 +677,7 @@ def load_adapter(
     cfg = _validate_config(_read_config(cfg_path), cfg_path)
     tensors = _read_weights(w_path)
 
+    model = _unwrap(model)
     slots, _, _ = _collect_slots(model, adapter_name)
     if not slots:
         raise AdapterLoadError(
@@ -623,6 +710,20 @@ def load_adapter(
             f"{w_path}: entries for modules that are not LoRA layers of the model: {unknown[:5]}"
             + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
             + f"; the model's LoRA layers are e.g. {list(by_path)[:3]}"
+        )
+    untargeted = [p for p in entries if not _config_targets(cfg, p)]
+    if untargeted:
+        raise AdapterLoadError(
+            f"{cfg_path}: the weights file has entries for {untargeted[:5]}"
+            + (f" (+{len(untargeted) - 5} more)" if len(untargeted) > 5 else "")
+            + " but the config's target_modules / exclude_modules / layers_to_transform do not select them "
+            "(PEFT would build no adapter there and ignore those weights)"
+        )
+    meta = [p for p in entries if by_path[p].A.device.type == "meta" or by_path[p].B.device.type == "meta"]
+    if meta:
+        raise AdapterLoadError(
+            f"LoRA layers {meta[:5]} are on the meta device: a copy into them stores nothing; materialise the "
+            "model first (e.g. model.to_empty(device=...) and load its weights), then load the adapter"
         )
     missing = [p for p in by_path if p not in entries]
     if missing and strict:

@@ -43,6 +43,8 @@ class _LoRABase(nn.Module):
         r = int(r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not math.isfinite(float(lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if r > min(in_features, out_features):
             warnings.warn(
                 f"LoRA rank r={r} exceeds min(in_features, out_features)={min(in_features, out_features)}: "

@@ -361,6 +361,8 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
 def cross_entropy_reference(logits: Tensor, target: Tensor, num_items_in_batch=None, ignore_index: int = -100) -> Tensor:
     """Hugging Face's ``fixed_cross_entropy`` on ``logits.float()``."""
     reduction = "sum" if num_items_in_batch is not None else "mean"
+    if target.dtype != torch.int64 and not target.dtype.is_floating_point:
+        target = target.long()  # the kernel takes int32/int64 targets; F.cross_entropy only int64
     loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
@@ -378,7 +380,7 @@ class _CESumFn(torch.autograd.Function):
         k = kernel_module("cross_entropy")
         m, v = logits.shape
         loss = torch.empty((m,), dtype=torch.float32, device=logits.device)
-        lse = torch.empty((m,), dtype=torch.float32, device=logits.device)
+        lse = torch.empty((m, 2), dtype=torch.float32, device=logits.device)  # (max, log Σ exp(x − max))
         if m:
             launch(k.ce_fwd_kernel, (m,), logits, target, loss, lse, v, logits.stride(0), int(ignore_index),
                    BLOCK_V=k.CE_BLOCK, num_warps=k.CE_WARPS, num_stages=1)
@@ -682,6 +684,10 @@ def fuse_ops(model: nn.Module) -> PatchReport:
                 report.converted.append(label)
             elif fn is not None and _is_causal_lm(mod):
                 report.skipped[label] = "a custom loss_function is set: left alone"
+            elif fn is None and not _is_causal_lm(mod) and isinstance(getattr(mod, "lm_head", None), nn.Module) \
+                    and _safe_loss_function(mod) is hf_loss:
+                report.skipped[label] = (f"{cls.__name__} resolves to ForCausalLMLoss but is not a *ForCausalLM / "
+                                         "*LMHeadModel class whose forward is known to call it that way: left alone")
         if isinstance(mod, (_FusedRMSNorm, _FusedMLP)):
             report.converted.append(name)
             continue
@@ -710,9 +716,10 @@ def _safe_loss_function(mod: nn.Module):
 
 
 def _is_causal_lm(mod: nn.Module) -> bool:
-    """A transformers ``*ForCausalLM`` model (the ones whose forward calls ``self.loss_function``
-    with logits and labels as ForCausalLMLoss expects)."""
-    return type(mod).__name__.endswith("ForCausalLM")
+    """A transformers ``*ForCausalLM`` or ``*LMHeadModel`` (GPT-2 style) model: the ones whose
+    forward calls ``self.loss_function`` with logits and labels as ForCausalLMLoss expects."""
+    name = type(mod).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 def unfuse_ops(model: nn.Module) -> List[str]:

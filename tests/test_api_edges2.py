@@ -325,3 +325,141 @@ def test_count_parameters_counts_bnb_4bit_weights_like_peft():
 def test_apply_lora_names_a_bad_target_modules():
     with pytest.raises(TypeError, match="target_modules"):
         lora_fast.apply_lora(_Net(), target_modules=None)
+
+
+# ---- fused cross entropy ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", [0.0, 1e6, -1e7, 1e30])
+def test_cross_entropy_is_shift_invariant_for_large_logits(monkeypatch, shift):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    torch.manual_seed(0)
+    base = torch.randn(6, 300) * 3
+    target = torch.randint(0, 300, (6,))
+    want = torch.nn.functional.cross_entropy(base.double(), target)
+    logits = (base.double() + shift).float().requires_grad_(True)  # exact softmax is unchanged by the shift
+    exact = torch.nn.functional.cross_entropy(logits.detach().double(), target)
+    loss = lora_fast.cross_entropy(logits, target)
+    loss.backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref_logits, target).backward()
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+    assert abs(logits.grad.sum().item()) < 1e-5  # each row's gradient sums to 0
+    if shift == 0.0:
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_int32_targets_on_the_reference_path(monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    logits = torch.randn(5, 11)
+    t = torch.randint(0, 11, (5,))
+    torch.testing.assert_close(lora_fast.cross_entropy(logits, t.int()), lora_fast.cross_entropy(logits, t))
+
+
+# ---- adapter I/O ------------------------------------------------------------------------------
+
+def _tiny_llama_peft():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    m = transformers.LlamaForCausalLM(cfg)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    return pm
+
+
+def test_load_adapter_refuses_meta_layers_and_save_names_them(tmp_path):
+    src = _tiny_llama_peft()
+    lora_fast.save_adapter(src, str(tmp_path / "a"))
+    with torch.device("meta"):
+        dst = _tiny_llama_peft()
+    with pytest.raises(lora_fast.AdapterLoadError, match="meta device"):
+        lora_fast.load_adapter(dst, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="meta device"):
+        lora_fast.save_adapter(dst, str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_save_adapter_of_a_compiled_model_has_peft_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    src = _tiny_llama_peft()
+    lora_fast.save_adapter(torch.compile(src), str(tmp_path / "a"))
+    keys = list(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert keys and not any("_orig_mod" in k for k in keys)
+    dst = _tiny_llama_peft()
+    with torch.no_grad():
+        for n, p in dst.named_parameters():
+            if "lora_" in n:
+                p.zero_()
+    loaded = lora_fast.load_adapter(torch.compile(dst), str(tmp_path / "a"))
+    assert len(loaded) == 4
+    for (n, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("edit", [{"lora_alpha": float("nan")}, {"lora_alpha": float("inf")},
+                                  {"target_modules": ["q_proj"]}, {"layers_to_transform": [0]},
+                                  {"exclude_modules": ["v_proj"]}])
+def test_load_adapter_checks_config_against_the_weights(tmp_path, edit):
+    import json as _json
+
+    src = _tiny_llama_peft()
+    d = tmp_path / "a"
+    lora_fast.save_adapter(src, str(d))
+    cfg = _json.loads((d / "adapter_config.json").read_text())
+    cfg.update(edit)
+    (d / "adapter_config.json").write_text(_json.dumps(cfg))
+    dst = _tiny_llama_peft()
+    before = {n: p.detach().clone() for n, p in dst.named_parameters()}
+    with pytest.raises(lora_fast.AdapterLoadError, match="lora_alpha must be a finite|do not select them"):
+        lora_fast.load_adapter(dst, str(d))
+    for n, p in dst.named_parameters():
+        assert torch.equal(p, before[n]), n  # unchanged
+
+
+def test_load_adapter_path_errors(tmp_path):
+    src = _tiny_llama_peft()
+    lora_fast.save_adapter(src, str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match="is a file; pass the adapter directory"):
+        lora_fast.load_adapter(src, str(tmp_path / "a" / "adapter_model.safetensors"))
+    m = nn.Sequential(LoRALinear.from_linear(nn.Linear(8, 4), r=2))
+    lora_fast.save_adapter(m, tmp_path / "b")  # a pathlib.Path works
+    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+        lora_fast.load_adapter(m, tmp_path / "b", adapter_name="zzz")
+    with pytest.raises(ValueError, match="LoRALinear itself"):
+        lora_fast.save_adapter(m[0], tmp_path / "c")
+
+
+# ---- fuse_ops on GPT-2 style heads ------------------------------------------------------------
+
+def test_fuse_ops_installs_the_loss_of_an_lm_head_model(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                                             n_positions=16)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    want = m(input_ids=ids, labels=ids).loss
+    rep = lora_fast.fuse_ops(m)
+    assert "loss_function" in rep.converted and not rep.skipped
+    torch.testing.assert_close(m(input_ids=ids, labels=ids).loss, want)
+    lora_fast.unfuse_ops(m)
+
+
+# ---- bench CLI arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,msg", [(["--cases", ""], "names nothing"), (["--budget", "-5"], "positive"),
+                                      (["--interpret"], "interpreter"), (["--providers", "nope"], "unknown provider"),
+                                      (["--out", "/proc/lora_fast_nope/x"], "cannot create the results folder")])
+def test_bench_cli_refuses_bad_arguments_before_running(args, msg, capsys):
+    from bench import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.run(args, log=lambda *a: None)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert msg in text
