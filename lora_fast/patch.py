@@ -176,27 +176,26 @@ class _FastForwardMixin:
         return (xc, base_layer.weight, None if bias is None else bias.to(xc.dtype), A, B, s, p, None)
 
 
-def _has_module_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def _hooked(base_layer: nn.Module, layer: nn.Module, active) -> bool:
     """Hooks that PEFT's forward would run and the fused path would bypass: on the base layer or
     an active adapter's lora_A / lora_B / lora_dropout module (e.g. DeepSpeed ZeRO-3's parameter
-    gathering, activation probes), or global module hooks."""
-    if _has_module_hooks(base_layer) or _global_hooks():
+    gathering, activation probes), or global module hooks.  Runs on every call: plain dict
+    lookups (no nn.Module.__getattr__), ~0.5 µs."""
+    g = _nn_module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
         return True
+    m = base_layer
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return True
+    mods = layer._modules
+    subs = (mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules)
     for a in active:
-        if (_has_module_hooks(layer.lora_A[a]) or _has_module_hooks(layer.lora_B[a])
-                or _has_module_hooks(layer.lora_dropout[a])):
-            return True
+        for d in subs:
+            m = d[a]
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return True
     return False
-
-
-def _global_hooks() -> bool:
-    _m = _nn_module
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks)
 
 
 def _run_spec(spec) -> Tensor:
