@@ -193,6 +193,9 @@ KERNELS: List[KernelRow] = [
                QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
             _v("plain-fp16-dequant", "fp16", dict(_NF4_PLAIN), QBLOCK=64, QBLOCK2=256, NESTED=False,
                HAS_MERGE=False, BLOCK_R=16, IEEE=False),
+            # the largest blocksize (256): every BLOCK_K must hold whole quantisation blocks
+            _v("nested-bf16-merge-q256", "bf16", {**_NF4_NESTED, "a_ptr": "bf16", "b_ptr": "bf16"}, QBLOCK=256,
+               QBLOCK2=256, NESTED=True, HAS_MERGE=True, BLOCK_R=16, IEEE=False),
             _v("nested-fp32-merge-r16", "fp32", dict(_NF4_NESTED), QBLOCK=128, QBLOCK2=256, NESTED=True,
                HAS_MERGE=True, BLOCK_R=16, IEEE=True),
         ],

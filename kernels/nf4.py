@@ -32,21 +32,27 @@ from .common import elsize as _elsize, tune_pick
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# BLOCK_K must be a multiple of the quantisation blocksize: 256 covers blocksizes 32..256.
+# BLOCK_K must be a multiple of the quantisation blocksize: 256 covers blocksizes 32..256 (the
+# prune also drops any config that is not, should one be added).  8 warps: with 4, 256-wide rows
+# spill 72-208 B under triton 3.6 (the GPU image's) for merges with fp32 factors.
 ROWS_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=1),
 ]
 
 
 def prune_rows(configs, named_args, **kwargs):
     """fp32 merge factors (``IEEE``: FMA dots) hold a BLOCK_R-long dot per output element: tiles
-    above 32 elements per thread spill (0.8-3 KB of stack on sm_80/86/90, compile_check)."""
+    above 16 elements per thread spill (16 B at 32 under triton 3.6 on sm_90; 0.8-3 KB of stack
+    at 64 and more on sm_80/86/90, compile_check)."""
     a = {**named_args, **kwargs}
+    qblock = int(a.get("QBLOCK", 0) or 0)
+    if qblock > 0:
+        whole = [c for c in configs if c.kwargs["BLOCK_K"] % qblock == 0]
+        configs = whole or list(configs)
     if a.get("IEEE", False) and a.get("HAS_MERGE", False):
-        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16 * 32 * c.num_warps]
         configs = small or list(configs)
     elif a.get("HAS_MERGE", False) and max(_elsize(a.get("a_ptr")), _elsize(a.get("b_ptr"))) >= 4:
         # fp32 factors rounded in registers for the tensor cores: BLOCK_N=32 with 8 warps spills

@@ -176,9 +176,8 @@ def _root_prefix(model: nn.Module) -> str:
 
 
 def _relative(name: str, prefix: str) -> str:
-    name = name[len(prefix):] if prefix and name.startswith(prefix) else name
-    # a torch.compile'd submodule sits under "_orig_mod": not part of the layer's path
-    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+    # (a torch.compile'd *submodule* keeps its "_orig_mod." segment: PEFT's keys have it too)
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -582,13 +581,15 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
                 raise bad(f"{field} {v!r} is not a valid regular expression ({exc})") from exc
         out[field] = v
     ltt = cfg.get("layers_to_transform")
-    if isinstance(ltt, int) and not isinstance(ltt, bool):
-        ltt = [ltt]
-    if ltt is not None and not (isinstance(ltt, list) and all(isinstance(i, int) for i in ltt)):
+    if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)) and not (
+            isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
         raise bad(f"layers_to_transform must be an integer or a list of integers, got {ltt!r}")
     out["layers_to_transform"] = ltt
     lp = cfg.get("layers_pattern")
-    out["layers_pattern"] = [lp] if isinstance(lp, str) else (lp or None)
+    if lp is not None and not isinstance(lp, str) and not (
+            isinstance(lp, list) and all(isinstance(t, str) for t in lp)):
+        raise bad(f"layers_pattern must be a string or a list of strings, got {lp!r}")
+    out["layers_pattern"] = lp
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise bad(f"bias={bias!r} is not supported (lora_fast trains no bias; use 'none')")
@@ -609,26 +610,56 @@ def _names_match(spec, path: str) -> bool:
 
 def _config_targets(cfg: dict, path: str) -> bool:
     """Whether PEFT would build an adapter at module ``path`` from this config (its
-    ``target_modules``, ``exclude_modules`` and ``layers_to_transform``; None or 'all-linear'
-    target_modules: any adapted layer)."""
+    ``target_modules``, ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``): PEFT's
+    own ``check_target_module_exists`` when PEFT is installed, else the same rules.  None or
+    'all-linear' target_modules: any adapted layer."""
     tm = cfg.get("target_modules")
-    if tm is not None and tm != "all-linear" and not _names_match(tm, path):
-        return False
+    if tm is None or tm == "all-linear":
+        return True
+    try:
+        from types import SimpleNamespace
+
+        from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+    except Exception:  # pragma: no cover - PEFT missing or reorganised
+        return _targets_fallback(cfg, path)
+    ns = SimpleNamespace(target_modules=tm, exclude_modules=cfg.get("exclude_modules"), modules_to_save=None,
+                         target_parameters=None, layers_to_transform=cfg.get("layers_to_transform"),
+                         layers_pattern=cfg.get("layers_pattern"))
+    try:
+        found = check_target_module_exists(ns, path)
+    except Exception:  # pragma: no cover - another PEFT's signature
+        return _targets_fallback(cfg, path)
+    return not isinstance(found, _ExcludedModule) and bool(found)
+
+
+def _targets_fallback(cfg: dict, path: str) -> bool:
+    """PEFT 0.21's ``check_target_module_exists`` rules, for when PEFT is not importable."""
     ex = cfg.get("exclude_modules")
     if ex and _names_match(ex, path):
         return False
+    tm = cfg["target_modules"]
+    if isinstance(tm, str):
+        return re.fullmatch(tm, path) is not None
+    if path in tm:
+        return True
+    if not any(path.endswith("." + t) for t in tm):
+        return False
     ltt = cfg.get("layers_to_transform")
-    if ltt is not None and not isinstance(tm, str):  # PEFT applies it to list targets only
-        patterns = cfg.get("layers_pattern")
-        idx = None
-        for pat in (patterns or [None]):
-            m = re.match(rf".*\.{pat}\.(\d+)\." if pat else r".*\.[^.]*\.(\d+)\.", path)
+    if ltt is None or (isinstance(ltt, list) and not ltt):
+        return True
+    patterns = cfg.get("layers_pattern")
+    m = None
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for pat in ([patterns] if isinstance(patterns, str) else patterns):
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", path)
             if m is not None:
-                idx = int(m.group(1))
                 break
-        if idx is None or idx not in ltt:
-            return False
-    return True
+    if m is None:
+        return False
+    idx = int(m.group("idx"))
+    return idx == ltt if isinstance(ltt, int) else idx in ltt
 
 
 def _read_weights(w_path: str) -> Dict[str, Tensor]:

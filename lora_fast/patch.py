@@ -650,7 +650,9 @@ def apply_lora(
             raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({exc})") from exc
     else:
         pattern = None
-    if not isinstance(target_modules, str) and (not isinstance(target_modules, Iterable)
+    if not isinstance(target_modules, str) and isinstance(target_modules, Iterable):
+        target_modules = list(target_modules)  # (a generator is read once)
+    if not isinstance(target_modules, str) and (not isinstance(target_modules, list)
                                                 or not all(isinstance(t, str) for t in target_modules)):
         raise TypeError(f"target_modules must be 'all-linear', a regular expression or a list of module names, "
                         f"got {target_modules!r}")

@@ -463,3 +463,74 @@ def test_bench_cli_refuses_bad_arguments_before_running(args, msg, capsys):
         cli.run(args, log=lambda *a: None)
     text = str(exc.value.code) + capsys.readouterr().err
     assert msg in text
+
+
+# ---- review of the session's own changes --------------------------------------------------------
+
+def test_nf4_rows_configs_hold_whole_quantisation_blocks():
+    from kernels import nf4 as knf4
+
+    assert all(c.kwargs["BLOCK_K"] % knf4.ROWS_MAX_QBLOCK == 0 for c in knf4.ROWS_CONFIGS)
+    odd = [*knf4.ROWS_CONFIGS, type(knf4.ROWS_CONFIGS[0])({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8)]
+    kept = knf4.prune_rows(odd, {}, QBLOCK=256, HAS_MERGE=False, IEEE=False)
+    assert kept and all(c.kwargs["BLOCK_K"] % 256 == 0 for c in kept)
+
+
+@pytest.mark.parametrize("impl", ["peft", "fallback"])
+@pytest.mark.parametrize("cfg,path,want", [
+    ({"target_modules": ["model.layers.0.q_proj"], "layers_to_transform": [1]}, "model.layers.0.q_proj", True),
+    ({"target_modules": ["proj"], "layers_to_transform": [1]}, "model.layers.1.experts.0.proj", True),
+    ({"target_modules": ["proj"], "layers_to_transform": [0]}, "model.layers.1.experts.0.proj", False),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "layers"}, "layers.0.q_proj", True),
+    ({"target_modules": ["q_proj"], "layers_to_transform": []}, "model.layers.3.q_proj", True),
+    ({"target_modules": ["q_proj"], "layers_to_transform": 2}, "model.layers.2.q_proj", True),
+    ({"target_modules": ["q_proj"], "exclude_modules": ["layers.1.q_proj"]}, "model.layers.1.q_proj", False),
+    ({"target_modules": r".*\.(q|v)_proj"}, "model.layers.1.v_proj", True),
+    ({"target_modules": r".*\.(q|v)_proj"}, "model.layers.1.k_proj", False),
+])
+def test_adapter_config_target_rules_follow_peft(impl, cfg, path, want):
+    from lora_fast import adapter_io
+
+    full = {"exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, **cfg}
+    fn = adapter_io._config_targets if impl == "peft" else adapter_io._targets_fallback
+    assert fn(full, path) is want
+
+
+def test_adapter_of_compiled_submodules_round_trips_with_peft(tmp_path):
+    from safetensors.torch import load_file
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([torch.compile(Block()) for _ in range(2)])
+
+        def forward(self, x):
+            for b in self.layers:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    lora_fast.save_adapter(pm, str(tmp_path / "lf"))
+    assert set(load_file(str(tmp_path / "lf" / "adapter_model.safetensors"))) == set(
+        load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    assert len(lora_fast.load_adapter(pm, str(tmp_path / "peft"))) == 2
+
+
+def test_apply_lora_takes_a_generator_of_names():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    lora_fast.apply_lora(m, target_modules=(n for n in ["0", "1"]), r=2)
+    assert isinstance(m[0], LoRALinear) and isinstance(m[1], LoRALinear)
