@@ -170,7 +170,6 @@ def run(argv: Optional[Sequence[str]] = None, log=print) -> Dict[str, object]:
     }
     res["summary"] = report.summary(runner.rows, profile, runner.e2e)
 
-    os.makedirs(args.out, exist_ok=True)
     stamp = meta["timestamp"].replace("-", "").replace(":", "")
     prefix = os.path.join(args.out, f"{label}-{stamp}")
     files: Dict[str, str] = {"json": prefix + ".json", "csv": prefix + ".csv", "table": prefix + ".txt"}

@@ -600,14 +600,6 @@ def _validate_config(cfg: dict, cfg_path: str) -> dict:
     return out
 
 
-def _names_match(spec, path: str) -> bool:
-    """PEFT's rule: a regular expression matches the whole path; a list entry matches the path
-    or its last components."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == t or path.endswith("." + t) for t in spec)
-
-
 def _config_targets(cfg: dict, path: str) -> bool:
     """Whether PEFT would build an adapter at module ``path`` from this config (its
     ``target_modules``, ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``): PEFT's
@@ -635,7 +627,7 @@ def _config_targets(cfg: dict, path: str) -> bool:
 def _targets_fallback(cfg: dict, path: str) -> bool:
     """PEFT 0.21's ``check_target_module_exists`` rules, for when PEFT is not importable."""
     ex = cfg.get("exclude_modules")
-    if ex and _names_match(ex, path):
+    if ex and _peft_targets(ex, [path]):
         return False
     tm = cfg["target_modules"]
     if isinstance(tm, str):

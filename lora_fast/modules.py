@@ -273,9 +273,9 @@ class NF4LoRALinear(_LoRABase):
         # (absent) version counter cannot show, and a compiled forward reads only the float
         val = state_dict.get(key)
         buf = self._buffers.get("nf4_offset")
-        if isinstance(val, Tensor) and val.numel() == 1 and buf is not None and buf.device.type != "meta":
-            if val.device.type != "meta":
-                self._offset, self._offset_key = float(val), _buffer_key(buf)
+        if (isinstance(val, Tensor) and val.numel() == 1 and val.device.type != "meta" and buf is not None
+                and buf.device.type != "meta"):
+            self._offset, self._offset_key = float(val), _buffer_key(buf)
 
     def _apply(self, fn, recurse=True):
         keep = {n: b for n in self._FP32_STATS if (b := self._buffers.get(n)) is not None and b.dtype == torch.float32}

@@ -606,9 +606,9 @@ def grouped_call(x: Tensor, group: List[Tuple[Base, Optional[Tensor], Tensor, Te
     elif any(type(base) is not NF4Operand and base.requires_grad and torch.is_grad_enabled()
              for base, _, _, _, _ in group):
         why = "trainable base weight"
-    elif any(kernel_issue(x, A, B, base, bias) for base, bias, A, B, _ in group):
-        why = next(kernel_issue(x, A, B, base, bias) for base, bias, A, B, _ in group
-                   if kernel_issue(x, A, B, base, bias))
+    elif (issue := next((i for base, bias, A, B, _ in group if (i := kernel_issue(x, A, B, base, bias))),
+                        None)) is not None:
+        why = issue
     else:
         from . import triton_backend as tb
 

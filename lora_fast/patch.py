@@ -180,7 +180,7 @@ def _hooked(base_layer: nn.Module, layer: nn.Module, active) -> bool:
     """Hooks that PEFT's forward would run and the fused path would bypass: on the base layer or
     an active adapter's lora_A / lora_B / lora_dropout module (e.g. DeepSpeed ZeRO-3's parameter
     gathering, activation probes), or global module hooks.  Runs on every call: plain dict
-    lookups (no nn.Module.__getattr__), ~0.5 µs."""
+    lookups (no nn.Module.__getattr__), ~0.9 µs on the CPU machine (2.7 µs through attributes)."""
     g = _nn_module
     if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
             or g._global_backward_pre_hooks):
@@ -546,7 +546,8 @@ def _sibling_sets(group_siblings) -> List[tuple]:
 def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[List[str]]:
     """Attach a :class:`_SiblingGroup` to every parent's patched children named by one of
     ``sets`` (at least two present, equal in_features), with the parent's forward hooks that
-    clear its stash.  Returns their names."""
+    clear its stash.  Returns their names.  ``sets`` are disjoint (:func:`_sibling_sets`), so a
+    layer joins at most one group."""
     _remove_groups(model)
     names = []
     for pname, parent in model.named_modules():
@@ -556,9 +557,6 @@ def _install_groups(model: nn.Module, sets: Sequence[Sequence[str]]) -> List[Lis
                        if isinstance(children.get(c), _FastForwardMixin)]
             if len(members) < 2 or len({int(m.in_features) for _, m in members}) != 1:
                 continue
-            dup = [c for c, m in members if "_lf_group" in m.__dict__]
-            if dup:
-                raise ValueError(f"group_siblings: {pname}.{dup[0]} is named in two sibling sets")
             group = _SiblingGroup([m for _, m in members])
             for _, m in members:
                 m.__dict__["_lf_group"] = group
