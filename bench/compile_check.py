@@ -830,10 +830,19 @@ def main(argv=None) -> int:
                            ", ".join(f"{f['source']} {'ok' if f['ok'] else 'FAIL'}" for f in cuda["files"]))))
         if "files" in cuda:
             failed += sum(1 for f in cuda["files"] if not f["ok"])
+    # what was actually compiled: a filter that matches nothing (a typo in --kernel, say) or
+    # --no-triton without nvcc must not read as a passing check
+    checked = len(report.get("triton_results", ()))  # (a config the prune drops is checked too)
+    checked += len((report.get("cuda") or {}).get("files", ()))
     report["failed"] = failed
+    report["checked"] = checked
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=str)
+    if checked == 0:
+        print("compile_check: FAILED: nothing was compiled (no kernel, variant or config matched the filters"
+              + (", and nvcc was not found" if "skipped" in (report.get("cuda") or {}) else "") + ")")
+        return 1
     print(f"compile_check: {'OK' if failed == 0 else f'{failed} FAILED'}")
     return 0 if failed == 0 else 1
 

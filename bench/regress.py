@@ -1,7 +1,8 @@
 """Performance-regression check of a benchmark run against a committed baseline.
 
     python -m bench.regress NEW.json --baseline bench/data/<gpu>.json --tolerance 0.10
-    python -m bench.regress NEW.json                     # baseline: bench/data/<slug of NEW's GPU>.json
+    python -m bench.regress NEW.json        # baseline: the newest committed bench/data/*.json of
+                                            # the same GPU and the same shapes (model, M, r, alpha, mode)
 
 Both files are ``python -m bench`` results (schema 1, see bench/README.md).  Compared figures
 (lower is better unless noted), for the lora_fast providers by default (``--providers``):
@@ -13,15 +14,20 @@ Both files are ``python -m bench`` results (schema 1, see bench/README.md).  Com
 
 Ratios are used rather than absolute times because they cancel most of a shared GPU's noise.
 A figure regresses when it is worse than the baseline by more than ``--tolerance`` (relative).
-The runs must come from the same GPU (``meta.gpu``), else nothing is compared.
+The runs must come from the same GPU (``meta.gpu``) and measure the same shapes (``summary``'s
+model, M, r, alpha and mode), else nothing is compared.  A figure that is not finite in the new
+run is a regression.
 
 Exit status: 0 no regression; 1 regression (or a baseline figure missing from the new run,
-unless ``--allow-missing``); 2 unusable input (unreadable JSON, different GPUs, no summary).
+unless ``--allow-missing``); 2 unusable input (unreadable JSON, different GPUs or shapes, no
+summary, no baseline found).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import re
 import sys
@@ -34,14 +40,47 @@ class InputError(Exception):
     """The inputs cannot be compared (exit status 2)."""
 
 
-def gpu_slug(name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia_h100_80gb_hbm3`` (the baseline file's name)."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+SHAPE_KEYS = ("model", "M", "r", "alpha", "mode")
 
 
-def default_baseline(new: Dict) -> str:
-    gpu = (new.get("meta") or {}).get("gpu") or ""
-    return os.path.join(REPO, "bench", "data", f"{gpu_slug(gpu)}.json")
+def shape_key(result: Dict) -> Tuple:
+    """What a result measured: ``summary``'s (model, M, r, alpha, mode)."""
+    summ = result.get("summary")
+    if not isinstance(summ, dict):
+        raise InputError("the result has no 'summary' block")
+    return tuple(summ.get(k) for k in SHAPE_KEYS)
+
+
+def default_baseline(new: Dict, new_path: Optional[str] = None, providers: Optional[Sequence[str]] = None,
+                     per_projection: bool = True) -> str:
+    """The newest committed result in bench/data/ from the same GPU with the same shapes and a
+    figure to compare for ``providers`` (``new_path``, the new result itself, excluded)."""
+    gpu = (new.get("meta") or {}).get("gpu")
+    if not gpu:
+        raise InputError("meta.gpu missing from the new result (a CPU run has no GPU baseline)")
+    want = shape_key(new)
+    skip = os.path.realpath(new_path) if new_path else None
+    found = []
+    for path in glob.glob(os.path.join(REPO, "bench", "data", "*.json")):
+        if os.path.realpath(path) == skip:
+            continue
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("meta"), dict) or data["meta"].get("gpu") != gpu:
+            continue
+        if not isinstance(data.get("summary"), dict) or shape_key(data) != want:
+            continue
+        if not figures(data, providers, per_projection):
+            continue
+        found.append((str(data["meta"].get("timestamp") or ""), path))
+    if not found:
+        shapes = ", ".join(f"{k}={v}" for k, v in zip(SHAPE_KEYS, want))
+        raise InputError(f"no committed baseline in bench/data/ for GPU {gpu!r} with {shapes} "
+                         "and a figure for the selected providers; pass one with --baseline")
+    return max(found)[1]
 
 
 def _load(path: str) -> Dict:
@@ -96,6 +135,10 @@ def compare(new: Dict, base: Dict, tolerance: float, providers: Optional[Sequenc
         raise InputError("meta.gpu missing from " + ("the new result" if not g_new else "the baseline"))
     if g_new != g_base:
         raise InputError(f"different GPUs: new run on {g_new!r}, baseline on {g_base!r}")
+    k_new, k_base = shape_key(new), shape_key(base)
+    if k_new != k_base:
+        diff = ", ".join(f"{k} {a!r} vs {b!r}" for k, a, b in zip(SHAPE_KEYS, k_new, k_base) if a != b)
+        raise InputError(f"different shapes (new vs baseline: {diff}): the runs measured different things")
     f_new = figures(new, providers, per_projection)
     f_base = figures(base, providers, per_projection)
     if not f_base:
@@ -112,6 +155,13 @@ def compare(new: Dict, base: Dict, tolerance: float, providers: Optional[Sequenc
             continue
         b, higher = f_base[name]
         v = f_new[name][0]
+        if not math.isfinite(b):
+            rows.append(dict(figure=name, baseline=b, new=v, change=None, status="baseline not finite"))
+            continue
+        if not math.isfinite(v):
+            failed = True
+            rows.append(dict(figure=name, baseline=b, new=v, change=None, status="REGRESSION (not finite)"))
+            continue
         change = (v - b) / b if b else 0.0
         worse = -change if higher else change  # > 0: worse
         if worse > tolerance:
@@ -139,20 +189,20 @@ def format_rows(rows: List[Dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Fail when a benchmark run regresses against a baseline.")
     ap.add_argument("new", help="the new result JSON (python -m bench)")
-    ap.add_argument("--baseline", default=None, help="baseline JSON (default bench/data/<gpu slug>.json)")
+    ap.add_argument("--baseline", default=None, help="baseline JSON (default: the newest bench/data/*.json of the same GPU and shapes)")
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed relative worsening (default 0.10)")
     ap.add_argument("--providers", default=None,
                     help="comma-separated providers to compare, or 'all' (default: lora_fast*)")
     ap.add_argument("--no-per-projection", action="store_true", help="compare only the seven-projection sums")
     ap.add_argument("--allow-missing", action="store_true", help="a baseline figure absent from the new run is not a failure")
     args = ap.parse_args(argv)
-    if args.tolerance < 0:
-        print("bench.regress: --tolerance must be >= 0", file=sys.stderr)
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        print(f"bench.regress: --tolerance must be a finite number >= 0, got {args.tolerance}", file=sys.stderr)
         return 2
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     try:
         new = _load(args.new)
-        base_path = args.baseline or default_baseline(new)
+        base_path = args.baseline or default_baseline(new, args.new, providers, not args.no_per_projection)
         base = _load(base_path)
         rows, failed = compare(new, base, args.tolerance, providers, not args.no_per_projection, args.allow_missing)
     except InputError as exc:
@@ -160,7 +210,7 @@ def main(argv=None) -> int:
         return 2
     print(f"baseline: {base_path}  (GPU {base['meta']['gpu']}, tolerance {100 * args.tolerance:.0f}%)")
     print(format_rows(rows))
-    n_reg = sum(r["status"] == "REGRESSION" for r in rows)
+    n_reg = sum(r["status"].startswith("REGRESSION") for r in rows)
     n_miss = sum(r["status"] == "missing" for r in rows)
     print(f"bench.regress: {'FAILED' if failed else 'OK'} ({n_reg} regression(s), {n_miss} missing, "
           f"{sum(r['status'] == 'improved' for r in rows)} improved, {len(rows)} figures)")

@@ -54,6 +54,7 @@ computes what the PEFT model computed.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import math
 import os
@@ -477,7 +478,10 @@ def _check_peft_config_savable(model: nn.Module, adapter: Optional[str]) -> None
     if getattr(cfg, "trainable_token_indices", None):
         extras.append("trainable_token_indices")
     if getattr(cfg, "bias", "none") != "none":
-        extras.append(f"bias={cfg.bias!r}")
+        # only a bias that exists and trains is lost (a Llama has none: PEFT saves A/B only too)
+        trained = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and p.requires_grad]
+        if trained:
+            extras.append(f"bias={cfg.bias!r} (trainable biases such as {trained[0]})")
     if extras:
         raise ValueError(
             f"adapter {adapter!r} trains more than LoRA A/B ({', '.join(extras)}); lora_fast.save_adapter writes "
@@ -665,6 +669,34 @@ def _read_weights(w_path: str) -> Dict[str, Tensor]:
 
 
 _KEY_RE = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+# PEFT's save_pretrained also writes the base weights of an adapted embedding / lm_head layer
+# (save_embedding_layers="auto"), which its loader copies into the base layer
+_BASE_KEY_RE = re.compile(r"^(?P<path>.+)\.base_layer\.(?P<which>weight|bias)$")
+
+
+def _base_tensor(slot: "_Slot", which: str) -> Optional[Tensor]:
+    """The dense base weight / bias of a LoRA layer (None: it has none, e.g. an NF4 base)."""
+    m = slot.module
+    base = m.get_base_layer() if slot.adapter is not None else m
+    t = getattr(base, which, None) if not isinstance(m, NF4LoRALinear) or which == "bias" else None
+    if not isinstance(t, Tensor) or not t.is_floating_point() or hasattr(t, "quant_state"):
+        return None
+    return t
+
+
+_CFG_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def _peft_config_of(model: nn.Module, slots: List["_Slot"]):
+    """The PEFT ``LoraConfig`` of the adapter the PEFT slots belong to (None: no PEFT model)."""
+    adapters = {s.adapter for s in slots if s.adapter is not None}
+    if len(adapters) != 1:
+        return None
+    cfgs = getattr(model, "peft_config", None)
+    if not isinstance(cfgs, dict):
+        return None
+    cfg = cfgs.get(next(iter(adapters)))
+    return cfg if cfg is not None and all(hasattr(cfg, f) for f in _CFG_FIELDS) else None
 
 
 def load_adapter(
@@ -675,8 +707,12 @@ def load_adapter(
     Everything is validated before the model is touched (see the module docstring); on any
     error the model is left exactly as it was.  Each loaded layer's ``lora_alpha``,
     ``use_rslora``, ``scaling`` and dropout are set from the config; its rank must already
-    match.  ``strict=False`` allows adapted layers that the file has no entry for (they keep
-    their weights); entries for layers the model does not adapt always raise.
+    match.  A PEFT model's ``peft_config[adapter]`` takes the file's ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``, so a later
+    ``save_pretrained`` writes what the layers compute.  Base-layer weights that PEFT saves beside
+    an adapted ``lm_head`` / embedding (``<layer>.base_layer.weight``) are copied into that base
+    layer, as PEFT's loader does.  ``strict=False`` allows adapted layers that the file has no
+    entry for (they keep their weights); entries for layers the model does not adapt always raise.
 
     Returns the module paths (relative to the base model) that were loaded.
     """
@@ -710,11 +746,19 @@ def load_adapter(
 
     # --- map file keys to layers
     entries: Dict[str, Dict[str, Tuple[str, Tensor]]] = collections.OrderedDict()
+    base_entries: List[Tuple[str, str, str, Tensor]] = []  # (module path, weight|bias, key, tensor)
     bad_keys = []
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
-            bad_keys.append(key)
+            mb = _BASE_KEY_RE.match(key)
+            bpath = mb.group("path") if mb else None
+            if bpath is not None and bpath.startswith(PEFT_PREFIX):
+                bpath = bpath[len(PEFT_PREFIX):]
+            if bpath in by_path:
+                base_entries.append((bpath, mb.group("which"), key, t))
+            else:
+                bad_keys.append(key)
             continue
         mpath = m.group("path")
         if mpath.startswith(PEFT_PREFIX):
@@ -785,20 +829,67 @@ def load_adapter(
                 "model first (PEFT: unmerge_adapter(); lora_fast layers: unmerge())"
             )
         plan.append((slot, ta, tb, rank, alpha))
+    base_plan = []
+    for mpath, which, key, t in base_entries:
+        target = _base_tensor(by_path[mpath], which)
+        if target is None:
+            raise AdapterLoadError(
+                f"{w_path}: {key} holds a base-layer {which}, but the base layer of {mpath} has no dense "
+                f"floating-point {which} to load it into (e.g. a 4-bit base)"
+            )
+        if tuple(t.shape) != tuple(target.shape) or not t.is_floating_point():
+            raise AdapterLoadError(
+                f"{w_path}: {key} has shape {tuple(t.shape)} and dtype {t.dtype}; the base layer of {mpath} has "
+                f"{tuple(target.shape)} ({target.dtype})"
+            )
+        base_plan.append((target, t))
+
+    # a PEFT model's peft_config must describe the loaded layers (save_pretrained writes it):
+    # it takes the file's hyper-parameters, so layers the file leaves alone (strict=False) must
+    # already have them
+    peft_cfg = _peft_config_of(model, slots)
+    if peft_cfg is not None:
+        loaded = {slot.path for slot, *_ in plan}
+        for slot in slots:
+            if slot.adapter is None or slot.path in loaded:
+                continue
+            want = (_pattern_value(cfg["rank_pattern"], slot.path, cfg["r"]),
+                    _pattern_value(cfg["alpha_pattern"], slot.path, cfg["lora_alpha"]),
+                    cfg["use_rslora"], cfg["lora_dropout"])
+            have = slot.hparams()[:4]
+            if tuple(have) != tuple(want):
+                raise AdapterLoadError(
+                    f"{cfg_path}: a partial load (strict=False) would leave LoRA layer {slot.path} with r, lora_alpha, "
+                    f"use_rslora, lora_dropout = {tuple(have)} while the adapter's config (which the PEFT model's "
+                    f"peft_config takes, for save_pretrained) gives {want}; load a complete adapter or one with the "
+                    "same hyper-parameters"
+                )
 
     # --- apply (all checks passed); restore everything if anything still goes wrong
     saved = [(slot, slot.A.detach().clone(), slot.B.detach().clone(), slot.snapshot()) for slot, *_ in plan]
+    saved_base = [(target, target.detach().clone()) for target, _ in base_plan]
+    saved_cfg = None if peft_cfg is None else {f: getattr(peft_cfg, f, None) for f in _CFG_FIELDS}
     try:
         with torch.no_grad():
             for slot, ta, tb, rank, alpha in plan:
                 slot.A.copy_(ta)
                 slot.B.copy_(tb)
                 slot.set_hparams(rank, alpha, cfg["use_rslora"], cfg["lora_dropout"])
+            for target, t in base_plan:
+                target.copy_(t)
+        if peft_cfg is not None:
+            for f in _CFG_FIELDS:
+                setattr(peft_cfg, f, copy.deepcopy(cfg[f]))
     except BaseException:
         with torch.no_grad():
             for slot, a, b, snap in saved:
                 slot.A.copy_(a)
                 slot.B.copy_(b)
                 slot.restore(snap)
+            for target, old in saved_base:
+                target.copy_(old)
+        if saved_cfg is not None:
+            for f, v in saved_cfg.items():
+                setattr(peft_cfg, f, v)
         raise
     return [slot.path for slot, *_ in plan]

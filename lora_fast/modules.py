@@ -267,6 +267,19 @@ class NF4LoRALinear(_LoRABase):
                     "offset in it, and the offset cannot be recovered from the codes; quantise the layer again "
                     "from its dense weight (NF4LoRALinear.from_linear) or from the bitsandbytes checkpoint (from_bnb)"
                 )
+        absmax = state_dict.get(prefix + "nf4_absmax")
+        if isinstance(absmax, Tensor):
+            # double quantisation must agree: otherwise (strict=False) the uint8 codes of one
+            # layout would be copied as values into the fp32 scales of the other
+            theirs = prefix + "nf4_absmax2" in state_dict or absmax.dtype == torch.uint8
+            ours = self.nf4_absmax2 is not None
+            if theirs != ours:
+                error_msgs.append(
+                    f"{prefix}nf4_absmax: the state dict's NF4 weight is {'' if theirs else 'not '}double-quantised "
+                    f"(absmax dtype {absmax.dtype}) but this layer's is {'' if ours else 'not '}(absmax dtype "
+                    f"{self.nf4_absmax.dtype}); build the layer with double_quant={theirs} to load it"
+                )
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # refresh the float now: the buffer was copied into in place, which an inference tensor's
@@ -387,7 +400,10 @@ class NF4LoRALinear(_LoRABase):
         if not self.merged or self._premerge is None:
             warnings.warn("NF4LoRALinear.unmerge(): not merged", UserWarning, stacklevel=2)
             return
-        self._set_qweight(self._premerge)
+        original = self._premerge
+        if original.device != self.nf4_packed.device:  # the module moved since merge()
+            original = original.to(self.nf4_packed.device)
+        self._set_qweight(original)
         self._premerge = None
         self.merged = False
 

@@ -50,6 +50,7 @@ reciprocal is used with a warning (then rare elements may differ from bnb).
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from fractions import Fraction
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -212,6 +213,18 @@ def _rcp_approx_ftz(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_blocksize(blocksize) -> int:
+    """``blocksize`` as a Python int (numpy integers accepted, as bitsandbytes does)."""
+    if not isinstance(blocksize, bool):
+        try:
+            blocksize = operator.index(blocksize)
+        except TypeError:
+            pass
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes accepts {SUPPORTED_BLOCKSIZES}")
+    return blocksize
+
+
 def _check_input(W: Tensor, blocksize: int) -> None:
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(W).__name__}")
@@ -220,8 +233,6 @@ def _check_input(W: Tensor, blocksize: int) -> None:
     if W.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"NF4 quantisation supports float32/float16/bfloat16 weights (as bitsandbytes), "
                          f"got unsupported dtype {W.dtype}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes accepts {SUPPORTED_BLOCKSIZES}")
     if W.numel() == 0:
         raise ValueError(f"cannot quantise an empty tensor (shape {tuple(W.shape)})")
     if W.device.type == "meta":
@@ -372,6 +383,7 @@ def quantize(W: Tensor, blocksize: int = 64, double_quant: bool = True, *, backe
     Raises ValueError for non-float or unsupported dtypes, unsupported blocksizes, empty or
     non-finite weights.
     """
+    blocksize = _check_blocksize(blocksize)
     _check_input(W, blocksize)
     cuda = _resolve_backend(backend, W.device)
     packed, absmax = _quantize_4bit(W, blocksize, cuda)
@@ -555,8 +567,13 @@ class NF4Tensor:
             raise ValueError(f"from_bnb supports quant_type='nf4' only, got {qs.quant_type!r} "
                              f"(fp4 uses a different code book)")
         if getattr(qs, "packing_format_for_cpu", False):
-            raise ValueError("the weight is in bitsandbytes' AVX512 CPU packing format, not the standard layout; "
-                             "convert it back with bitsandbytes.functional._convert_weight_packed_for_cpu_inverse")
+            # bitsandbytes repacked it for its AVX512 CPU kernel (first CPU inference forward):
+            # back to the standard layout, as bitsandbytes itself does before saving or moving it
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            packed, qs = _convert_weight_packed_for_cpu_inverse(packed, qs)
+            if not isinstance(p, (tuple, list)):
+                p.data, p.quant_state = packed, qs
         if qs.shape is None or qs.dtype is None or qs.blocksize is None:
             raise ValueError("from_bnb: QuantState lacks shape/dtype/blocksize")
         if qs.code is not None and (qs.code.numel() != 16 or not torch.equal(

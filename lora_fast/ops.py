@@ -573,8 +573,16 @@ def lora_linear_grouped(x: Tensor, layers) -> List[Tensor]:
     for layer in layers:
         if layer.in_features != k:
             raise ValueError(f"grouped layers must share in_features: {layer.in_features} != {k}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lora_linear_grouped: the input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension (..., in_features), got a 0-d tensor")
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features in its last dim, but the layers expect in_features={k}")
+    for i, layer in enumerate(layers):
+        wdev = layer.lora_A.device
+        if x.device != wdev:
+            raise ValueError(f"input is on {x.device} but the weights of layer {i} are on {wdev}")
     why = None
     if any(layer.merged for layer in layers):
         why = "merged layer"

@@ -89,7 +89,8 @@ class PatchReport:
 
 _PATCHED: Dict[type, type] = {}
 _NAMES = {"LoraFastLinear": ("peft.tuners.lora.layer", "Linear"),
-          "LoraFastLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit")}
+          "LoraFastLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit"),
+          "LoraFastLoraModel": ("peft.tuners.lora.model", "LoraModel")}
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
@@ -373,7 +374,8 @@ def _patched_class(orig: type) -> type:
     cls = _PATCHED.get(orig)
     if cls is None:
         name = "LoraFast" + orig.__name__
-        cls = type(name, (_FastForwardMixin, orig), {"_lf_orig_cls": orig, "__module__": __name__})
+        mixin = _TunerMixin if orig.__name__ == "LoraModel" else _FastForwardMixin
+        cls = type(name, (mixin, orig), {"_lf_orig_cls": orig, "__module__": __name__})
         cls.__qualname__ = name
         _PATCHED[orig] = cls
         globals()[name] = cls
@@ -480,6 +482,28 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
         raise ImportError("lora_fast.patch needs PEFT installed") from exc
     sets = _sibling_sets(group_siblings) if group_siblings else None  # checked before anything changes
     report = PatchReport()
+    _convert_layers(model, report, LoraLayer)
+    _patch_tuners(model)
+    if sets is not None:
+        report.groups = _install_groups(model, sets)
+    else:
+        _remove_groups(model)  # patching again without grouping turns it off
+    if fuse_ops:
+        from .norm_mlp import fuse_ops as _fuse
+
+        fused = _fuse(model)
+        report.fused = fused.converted
+        report.skipped.update(fused.skipped)
+    if report.skipped:
+        warnings.warn(str(report), RuntimeWarning, stacklevel=2)
+    elif not report.converted:
+        warnings.warn("lora_fast.patch: the model has no PEFT LoRA layers; nothing was converted",
+                      RuntimeWarning, stacklevel=2)
+    return report
+
+
+def _convert_layers(model: nn.Module, report: PatchReport, LoraLayer: type) -> None:
+    """Swap the class of every convertible PEFT LoRA layer of ``model``; fill ``report``."""
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
@@ -497,22 +521,36 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
         if _is_bnb_4bit(base):
             _nf4_operand(mod, base)  # built eagerly: torch.compile traces the cached view
         report.converted.append(name)
-    if sets is not None:
-        report.groups = _install_groups(model, sets)
-    else:
-        _remove_groups(model)  # patching again without grouping turns it off
-    if fuse_ops:
-        from .norm_mlp import fuse_ops as _fuse
 
-        fused = _fuse(model)
-        report.fused = fused.converted
-        report.skipped.update(fused.skipped)
-    if report.skipped:
-        warnings.warn(str(report), RuntimeWarning, stacklevel=2)
-    elif not report.converted:
-        warnings.warn("lora_fast.patch: the model has no PEFT LoRA layers; nothing was converted",
-                      RuntimeWarning, stacklevel=2)
-    return report
+
+def _patch_tuners(model: nn.Module) -> None:
+    """Give PEFT's ``LoraModel`` (``peft_model.base_model``) a subclass whose ``inject_adapter``
+    converts the LoRA layers that ``add_adapter`` / ``load_adapter`` create after patching."""
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except Exception:  # pragma: no cover - an old or partial PEFT
+        return
+    for mod in model.modules():
+        if type(mod) is LoraModel:
+            swap_class(mod, _patched_class(LoraModel))
+
+
+class _TunerMixin:
+    """``inject_adapter`` of a patched PEFT ``LoraModel``: a new adapter on modules that had no
+    LoRA layer yet creates PEFT layers there; they are converted as :func:`patch` would, and
+    those that cannot be are warned about (their reasons, as ``report.skipped`` gives them)."""
+
+    _lf_orig_cls: type
+
+    def inject_adapter(self, *args, **kwargs):
+        out = super().inject_adapter(*args, **kwargs)
+        from peft.tuners.lora import LoraLayer
+
+        report = PatchReport()
+        _convert_layers(self, report, LoraLayer)
+        if report.skipped:
+            warnings.warn(f"lora_fast: LoRA layers added after patch(): {report}", RuntimeWarning, stacklevel=2)
+        return out
 
 
 def _sibling_sets(group_siblings) -> List[tuple]:
@@ -583,6 +621,9 @@ def unpatch(model: nn.Module) -> List[str]:
 
     _remove_groups(model)
     restored = unfuse_ops(model)
+    for mod in model.modules():
+        if isinstance(mod, _TunerMixin):
+            swap_class(mod, mod._lf_orig_cls)
     for name, mod in model.named_modules():
         if isinstance(mod, _FastForwardMixin):
             why = swap_class(mod, mod._lf_orig_cls)

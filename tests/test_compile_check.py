@@ -271,7 +271,44 @@ def test_regress_all_providers_and_bad_input(tmp_path):
     assert regress.main([nosum, "--baseline", base]) == 2
 
 
-def test_regress_default_baseline_path():
-    assert regress.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
-    path = regress.default_baseline({"meta": {"gpu": "NVIDIA H100 80GB HBM3"}})
-    assert path.endswith(os.path.join("bench", "data", "nvidia_h100_80gb_hbm3.json"))
+def test_regress_default_baseline_is_the_newest_committed_run_of_that_gpu_and_shape(tmp_path, capsys):
+    committed = os.path.join(regress.REPO, "bench", "data", "h100-20261123T065908Z.json")
+    with open(committed) as fh:
+        data = json.load(fh)
+    new = _write(tmp_path, "new.json", data)
+    path = regress.default_baseline(data, new)
+    assert os.path.basename(path) == "h100-20261123T065908Z.json"  # the older h100 runs lack lora_fast figures
+    assert regress.main([new]) == 0
+    # no committed run of that GPU, or of those shapes: a clear refusal, not a missing-file error
+    other = dict(data, meta=dict(data["meta"], gpu="NVIDIA GeForce RTX 3060"))
+    assert regress.main([_write(tmp_path, "other.json", other)]) == 2
+    assert "no committed baseline" in capsys.readouterr().err
+    small = dict(data, summary=dict(data["summary"], M=2048))
+    assert regress.main([_write(tmp_path, "small.json", small)]) == 2
+    assert regress.main([_write(tmp_path, "cpu.json", dict(data, meta={}))]) == 2
+    assert "meta.gpu missing" in capsys.readouterr().err
+
+
+def test_regress_refuses_other_shapes_nan_tolerance_and_fails_on_nan(tmp_path, capsys):
+    base = _result()
+    base["summary"].update(model="llama3_8b", M=8192)
+    other = _result()
+    other["summary"].update(model="llama2_7b", M=2048)
+    b = _write(tmp_path, "base.json", base)
+    assert regress.main([_write(tmp_path, "other.json", other), "--baseline", b]) == 2
+    assert "different shapes" in capsys.readouterr().err
+    slower = _result(lf=2.6)
+    slower["summary"].update(model="llama3_8b", M=8192)
+    s = _write(tmp_path, "slower.json", slower)
+    assert regress.main([s, "--baseline", b, "--tolerance", "nan"]) == 2
+    assert regress.main([s, "--baseline", b, "--tolerance", "inf"]) == 2
+    bad = _result(lf=float("nan"))
+    bad["summary"].update(model="llama3_8b", M=8192)
+    assert regress.main([_write(tmp_path, "nan.json", bad), "--baseline", b]) == 1
+    assert "REGRESSION (not finite)" in capsys.readouterr().out
+
+
+def test_compile_check_that_compiles_nothing_fails(capsys):
+    # a typo in a filter (or --no-triton without nvcc) used to print "compile_check: OK"
+    assert cc.main(["--kernel", "no_such_kernel", "--no-cuda", "--quiet"]) == 1
+    assert cc.main(["--no-triton", "--no-cuda"]) == 1
