@@ -51,7 +51,7 @@ setup(
     name="lora_fast",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for LoRA and QLoRA fine-tuning",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=["lora_fast", "lora_fast.kernels"],
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "bitsandbytes>=0.45", "safetensors", "numpy"],

@@ -832,7 +832,8 @@ def main(argv=None) -> int:
             failed += sum(1 for f in cuda["files"] if not f["ok"])
     # what was actually compiled: a filter that matches nothing (a typo in --kernel, say) or
     # --no-triton without nvcc must not read as a passing check
-    checked = len(report.get("triton_results", ()))  # (a config the prune drops is checked too)
+    # (a config the prune drops was compiled and checked too; "n/a" rows were never offered)
+    checked = sum(1 for r in report.get("triton_results", ()) if r["status"] != "n/a")
     checked += len((report.get("cuda") or {}).get("files", ()))
     report["failed"] = failed
     report["checked"] = checked

@@ -406,11 +406,12 @@ def all_providers() -> Dict[str, Provider]:
         needs=("lora_fast", "bnb"), lora_fast_backend="triton",
         cases=frozenset({"parity", "main", "msweep"}),
     )
-    out["lora_fast_triton_merged"] = Provider(
-        "lora_fast_triton_merged",
-        "lora_fast_triton in the opt-in merged regime (LORA_FAST_TRITON_PATH=merged: W_eff = deq(W0) + s·B·A "
-        "rounded to bf16, one pass less over Y and dX; not PEFT's numerics, see bench/NOTES.md)",
-        _build_lora_fast_nf4, env={"LORA_FAST_BACKEND": "triton", "LORA_FAST_TRITON_PATH": "merged"},
+    out["lora_fast_triton_split"] = Provider(
+        "lora_fast_triton_split",
+        "lora_fast_triton on the NF4 base in the split regime (LORA_FAST_TRITON_PATH=split: dequantised W0 GEMM "
+        "accumulating onto the rank-r adapter term, Y and dX rounded once), against the merged default for NF4 "
+        "(W_eff = deq(W0) + s·B·A, one pass less over Y and dX; bench/NOTES.md)",
+        _build_lora_fast_nf4, env={"LORA_FAST_BACKEND": "triton", "LORA_FAST_TRITON_PATH": "split"},
         needs=("lora_fast", "bnb"), lora_fast_backend="triton",
         cases=frozenset({"parity", "main"}),
     )
@@ -446,7 +447,7 @@ def default_names(on_cuda: bool) -> List[str]:
     """Providers a run lists by default.  On a GPU the Triton and CUDA backends; on the CPU the
     torch backend (the reference), with Triton and CUDA still listed so their absence is shown."""
     lf = ["lora_fast_triton", "lora_fast_cuda"] + (
-        ["lora_fast_triton_cublaslr", "lora_fast_triton_merged"] if on_cuda else ["lora_fast_torch"])
+        ["lora_fast_triton_cublaslr", "lora_fast_triton_split"] if on_cuda else ["lora_fast_torch"])
     dense = ["lora_fast_dense_triton", "lora_fast_dense_cuda"] + ([] if on_cuda else ["lora_fast_dense_torch"])
     return lf + ["peft_bnb", "dequant_cublas", "torch_ref", "ceiling"] + dense + ["bnb_base_only"]
 

@@ -92,8 +92,10 @@ def warn_once(key: str, message: str) -> None:
 def dispatch_stats(reset: bool = False) -> Dict[str, int]:
     """How often each (backend, path) ran since start (or the last reset).
 
-    Keys are ``"backend:path"``, e.g. ``"triton:nf4_fused_gemm"`` or
-    ``"torch:fallback(cpu tensors)"``.  Use it to confirm that training hits the fast path.
+    Keys are ``"backend:path"``, e.g. ``"triton:fwd_merged_nf4"``, ``"triton:bwd_split_dense"``,
+    ``"torch:reference"`` (the PyTorch reference: the CPU backend under ``auto``) or
+    ``"torch:fallback(<reason>)"`` for a fallback from a fast path (also warned once).  Use it to
+    confirm that training hits the fast path.
     """
     with _lock:
         out = {f"{b}:{p}": n for (b, p), n in sorted(_stats.items())}

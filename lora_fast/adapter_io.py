@@ -477,11 +477,19 @@ def _check_peft_config_savable(model: nn.Module, adapter: Optional[str]) -> None
         extras.append(f"modules_to_save={cfg.modules_to_save!r}")
     if getattr(cfg, "trainable_token_indices", None):
         extras.append("trainable_token_indices")
-    if getattr(cfg, "bias", "none") != "none":
-        # only a bias that exists and trains is lost (a Llama has none: PEFT saves A/B only too)
-        trained = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and p.requires_grad]
-        if trained:
-            extras.append(f"bias={cfg.bias!r} (trainable biases such as {trained[0]})")
+    bias_mode = getattr(cfg, "bias", "none")
+    if bias_mode != "none":
+        # PEFT saves the biases this mode trains (whether or not they still require grad); a model
+        # without such biases (a Llama) loses nothing: PEFT then saves A/B only too
+        _, _, LoraLayer = _peft_classes()
+        if bias_mode == "lora_only":
+            biases = [f"{n}.base_layer.bias" for n, m in model.named_modules()
+                      if LoraLayer is not None and isinstance(m, LoraLayer)
+                      and getattr(m.get_base_layer(), "bias", None) is not None]
+        else:
+            biases = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+        if biases:
+            extras.append(f"bias={bias_mode!r}, which trains biases such as {biases[0]}")
     if extras:
         raise ValueError(
             f"adapter {adapter!r} trains more than LoRA A/B ({', '.join(extras)}); lora_fast.save_adapter writes "
@@ -688,15 +696,17 @@ _CFG_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", 
 
 
 def _peft_config_of(model: nn.Module, slots: List["_Slot"]):
-    """The PEFT ``LoraConfig`` of the adapter the PEFT slots belong to (None: no PEFT model)."""
+    """``(peft_config dict, adapter name, LoraConfig)`` of the adapter the PEFT slots belong to
+    (None: no PEFT model)."""
     adapters = {s.adapter for s in slots if s.adapter is not None}
     if len(adapters) != 1:
         return None
     cfgs = getattr(model, "peft_config", None)
     if not isinstance(cfgs, dict):
         return None
-    cfg = cfgs.get(next(iter(adapters)))
-    return cfg if cfg is not None and all(hasattr(cfg, f) for f in _CFG_FIELDS) else None
+    name = next(iter(adapters))
+    cfg = cfgs.get(name)
+    return (cfgs, name, cfg) if cfg is not None and all(hasattr(cfg, f) for f in _CFG_FIELDS) else None
 
 
 def load_adapter(
@@ -868,7 +878,6 @@ def load_adapter(
     # --- apply (all checks passed); restore everything if anything still goes wrong
     saved = [(slot, slot.A.detach().clone(), slot.B.detach().clone(), slot.snapshot()) for slot, *_ in plan]
     saved_base = [(target, target.detach().clone()) for target, _ in base_plan]
-    saved_cfg = None if peft_cfg is None else {f: getattr(peft_cfg, f, None) for f in _CFG_FIELDS}
     try:
         with torch.no_grad():
             for slot, ta, tb, rank, alpha in plan:
@@ -878,8 +887,13 @@ def load_adapter(
             for target, t in base_plan:
                 target.copy_(t)
         if peft_cfg is not None:
+            # a new config object: PEFT models often share one LoraConfig between adapters
+            # (add_adapter("b", cfg) with the first adapter's cfg), whose others must not change
+            cfgs, name, old_cfg = peft_cfg
+            new_cfg = copy.copy(old_cfg)
             for f in _CFG_FIELDS:
-                setattr(peft_cfg, f, copy.deepcopy(cfg[f]))
+                setattr(new_cfg, f, copy.deepcopy(cfg[f]))
+            cfgs[name] = new_cfg
     except BaseException:
         with torch.no_grad():
             for slot, a, b, snap in saved:
@@ -888,8 +902,8 @@ def load_adapter(
                 slot.restore(snap)
             for target, old in saved_base:
                 target.copy_(old)
-        if saved_cfg is not None:
-            for f, v in saved_cfg.items():
-                setattr(peft_cfg, f, v)
+        if peft_cfg is not None:
+            cfgs, name, old_cfg = peft_cfg
+            cfgs[name] = old_cfg
         raise
     return [slot.path for slot, *_ in plan]

@@ -208,6 +208,30 @@ def _rcp_approx_ftz(x: Tensor) -> Tensor:
         return torch.reciprocal(x)
 
 
+def unpack_bnb_cpu_layout(packed: Tensor, qs):
+    """``(packed, QuantState)`` of a bitsandbytes 4-bit weight that bitsandbytes repacked for
+    its AVX512 CPU kernel, back in the standard layout, as new objects (the inputs are not
+    modified).  bitsandbytes' own inverse (``_convert_weight_packed_for_cpu_inverse``) restores
+    the bytes, and re-quantises the scales when they were double-quantised; otherwise it leaves
+    them transposed, ``(K / blocksize, N)`` in bf16, which this puts back in block order.  The
+    scales stay the bf16-rounded values that bitsandbytes' CPU kernel computes with (the repacking
+    rounded them; the originals are gone)."""
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    work = copy.copy(qs)  # the inverse reassigns the state's fields: keep the caller's state intact
+    out, work = _convert_weight_packed_for_cpu_inverse(packed, work)
+    if not work.nested:
+        n, k = (int(d) for d in work.shape)
+        absmax = work.absmax
+        if absmax.dim() != 2 or tuple(absmax.shape) != (k // work.blocksize, n):
+            raise ValueError(f"bitsandbytes' CPU-packed scales have shape {tuple(absmax.shape)}, expected "
+                             f"({k // work.blocksize}, {n}) for a ({n}, {k}) weight with blocksize {work.blocksize}")
+        work.absmax = absmax.t().reshape(-1).to(torch.float32).contiguous()
+    return out, work
+
+
 # --------------------------------------------------------------------------------------------
 # quantisation
 # --------------------------------------------------------------------------------------------
@@ -569,9 +593,8 @@ class NF4Tensor:
         if getattr(qs, "packing_format_for_cpu", False):
             # bitsandbytes repacked it for its AVX512 CPU kernel (first CPU inference forward):
             # back to the standard layout, as bitsandbytes itself does before saving or moving it
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            packed, qs = _convert_weight_packed_for_cpu_inverse(packed, qs)
+            # (a Params4bit in place; a (packed, QuantState) pair is left as it is)
+            packed, qs = unpack_bnb_cpu_layout(packed, qs)
             if not isinstance(p, (tuple, list)):
                 p.data, p.quant_state = packed, qs
         if qs.shape is None or qs.dtype is None or qs.blocksize is None:

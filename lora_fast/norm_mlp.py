@@ -20,7 +20,7 @@ module-level function of each modeling file, called by the attention's forward: 
 in that module, process-wide (bit-equal, so other models of the class compute the same numbers),
 and restored by :func:`unfuse_ops`.
 
-with Hugging Face's rounding points (bench/NOTES.md: "Fused RMSNorm and SwiGLU" has the bytes
+with Hugging Face's rounding points (bench/NOTES.md: "Fused RMSNorm, SwiGLU, RoPE and loss" has the bytes
 each moves and the predicted gain).  Only modules whose ``forward`` is, line for line, Llama's
 are converted (Mistral, Qwen2/3 and the many "Copied from Llama" classes); others are listed in
 the report with the reason.  On the CPU (``auto``) and with ``LORA_FAST_BACKEND=torch`` the

@@ -31,6 +31,11 @@ that is a LoRA variant (DoRA, …) or has ``lora_bias``, several active adapters
 extra forward arguments.  Disabled or merged adapters run the base layer only (PEFT's path,
 nothing to accelerate, not counted).
 
+PEFT's ``LoraModel`` (``peft_model.base_model``) gets a subclass too, whose ``inject_adapter``
+converts the LoRA layers that ``add_adapter`` / ``load_adapter`` create after patching (and
+warns about those it cannot).  transformers' own adapter API (``model.add_adapter`` on a
+``PreTrainedModel``) has no such object: patch again after it.
+
 Layers that cannot be converted at all are left alone and listed in ``report.skipped`` with
 the reason (DoRA/variant adapters, ``lora_bias``, ``fan_in_fan_out`` (GPT-2 ``Conv1D``), a base
 layer that is neither ``nn.Linear`` nor an NF4 ``Linear4bit``, embedding/conv LoRA layers, …);
@@ -341,9 +346,7 @@ def _restore_bnb_layout(w) -> None:
     forward; restore the standard layout in place, as bitsandbytes itself does before saving."""
     qs = getattr(w, "quant_state", None)
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        w.data, w.quant_state = nf4_mod.unpack_bnb_cpu_layout(w.data, qs)
 
 
 def swap_class(mod: nn.Module, new_cls: type) -> Optional[str]:
@@ -502,10 +505,12 @@ def patch(model: nn.Module, group_siblings: Union[bool, Sequence[Sequence[str]]]
     return report
 
 
-def _convert_layers(model: nn.Module, report: PatchReport, LoraLayer: type) -> None:
-    """Swap the class of every convertible PEFT LoRA layer of ``model``; fill ``report``."""
-    for name, mod in model.named_modules():
-        if not isinstance(mod, LoraLayer):
+def _convert_layers(model: nn.Module, report: PatchReport, LoraLayer: type, skip_ids=frozenset(),
+                    prefix: str = "") -> None:
+    """Swap the class of every convertible PEFT LoRA layer of ``model`` (except the modules whose
+    id is in ``skip_ids``); fill ``report`` with their names (``prefix`` + path)."""
+    for name, mod in model.named_modules(prefix=prefix):
+        if not isinstance(mod, LoraLayer) or id(mod) in skip_ids:
             continue
         if isinstance(mod, _FastForwardMixin):
             report.converted.append(name)
@@ -543,13 +548,19 @@ class _TunerMixin:
     _lf_orig_cls: type
 
     def inject_adapter(self, *args, **kwargs):
-        out = super().inject_adapter(*args, **kwargs)
         from peft.tuners.lora import LoraLayer
 
+        # only the layers this call creates: the others are as patch() or unpatch() left them
+        old = [m for m in self.modules() if isinstance(m, LoraLayer)]
+        before = {id(m) for m in old}
+        out = super().inject_adapter(*args, **kwargs)
+        if old and not any(isinstance(m, _FastForwardMixin) for m in old):
+            return out  # the layers were unpatched since (unpatch of a submodule): leave the new ones too
         report = PatchReport()
-        _convert_layers(self, report, LoraLayer)
+        _convert_layers(self, report, LoraLayer, skip_ids=before, prefix="base_model")
         if report.skipped:
-            warnings.warn(f"lora_fast: LoRA layers added after patch(): {report}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"lora_fast: LoRA layers created by add_adapter/load_adapter after patch(): {report}",
+                          RuntimeWarning, stacklevel=2)
         return out
 
 

@@ -232,7 +232,7 @@ def test_save_refuses_model_without_lora(base, tmp_path):
 @pytest.mark.parametrize("cfg, pattern", [
     (dict(use_dora=True), r"uses a LoRA variant \(DoraLinearVariant\)"),
     (dict(modules_to_save=["head"]), r"trains more than LoRA A/B \(modules_to_save=\['head'\]\)"),
-    (dict(bias="all"), r"trains more than LoRA A/B \(bias='all' \(trainable biases such as"),
+    (dict(bias="all"), r"trains more than LoRA A/B \(bias='all', which trains biases such as"),
 ])
 def test_save_refuses_peft_features_it_cannot_write(base, tmp_path, cfg, pattern):
     pm = _peft_model(copy.deepcopy(base), **cfg)

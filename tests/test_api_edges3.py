@@ -249,3 +249,89 @@ def test_qlora_fp32_activations_bf16_compute_dtype_tolerance():
         assert rel(res["fast"][i], t[i]) <= 2 * rel(res["peft"][i], t[i]) + 1e-4
     for i in (2, 3):  # dA, dB: x rounded to bf16 once (PEFT: exact here)
         assert rel(res["fast"][i], t[i]) < 1e-2
+
+
+# ---- review of the session's own fixes ------------------------------------------------------------
+
+def _repacked_linear4bit(nested: bool):
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    lin = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                            compress_statistics=nested)
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=nested)
+    lin = lin.to("cpu")
+    std = nf4.NF4Tensor.from_bnb(lin.weight).dequantize(torch.float32)
+    p = lin.weight
+    p.data, p.quant_state = _convert_weight_packed_for_cpu(p.data, p.quant_state)
+    return lin, std
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_repacked_weight_restores_scales_with_and_without_double_quant(nested):
+    # bitsandbytes' inverse leaves non-nested scales transposed (K/blocksize, N) in bf16: read as
+    # they were, the weights were off by ~100% of max|W|
+    lin, std = _repacked_linear4bit(nested)
+    got = nf4.NF4Tensor.from_bnb(lin.weight).dequantize(torch.float32)
+    assert not lin.weight.quant_state.packing_format_for_cpu
+    # the repacking rounded the scales to bf16 (2^-9 relative)
+    torch.testing.assert_close(got, std, rtol=0, atol=4e-3 * std.abs().max().item())
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(lin(x), x @ got.t(), rtol=1e-4, atol=1e-5)
+
+
+def test_from_bnb_pair_form_leaves_the_callers_state_alone():
+    lin, std = _repacked_linear4bit(nested=True)
+    p = lin.weight
+    data, qs = p.data, p.quant_state
+    before = data.clone()
+    fields = dict(vars(qs))
+    got = nf4.NF4Tensor.from_bnb((data, qs)).dequantize(torch.float32)
+    torch.testing.assert_close(got, std, rtol=0, atol=4e-3 * std.abs().max().item())
+    assert p.quant_state is qs and p.data.data_ptr() == data.data_ptr() and torch.equal(p.data, before)
+    assert qs.packing_format_for_cpu
+    assert set(vars(qs)) == set(fields) and all(vars(qs)[k] is v for k, v in fields.items())
+
+
+def test_load_adapter_into_one_adapter_leaves_a_shared_config_alone(tmp_path):
+    # add_adapter("b", cfg) with the first adapter's cfg: PEFT stores one object for both;
+    # load_adapter(adapter_name="b") used to rewrite the "default" adapter's config through it
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = get_peft_model(tiny_llama(), cfg)
+    pm.add_adapter("b", cfg)
+    assert pm.peft_config["default"] is pm.peft_config["b"]
+    src = peft_model(lora_alpha=32, target_modules=["q_proj", "v_proj"], seed=0)
+    lora_fast.save_adapter(src, tmp_path / "a")
+    lora_fast.load_adapter(pm, tmp_path / "a", adapter_name="b")
+    assert pm.peft_config["b"].lora_alpha == 32 and pm.peft_config["default"].lora_alpha == 8
+
+
+def test_save_adapter_refuses_bias_all_with_frozen_biases(tmp_path):
+    # PEFT saves bias="all" biases whether or not they still require grad: a model with biases
+    # cannot be written by save_adapter (A/B only), frozen or not
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], bias="all"))
+    pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias = nn.Parameter(torch.zeros(64))
+    for n, p in pm.named_parameters():
+        if n.endswith(".bias"):
+            p.requires_grad_(False)
+    with pytest.raises(ValueError, match="bias='all', which trains biases"):
+        lora_fast.save_adapter(pm, tmp_path / "a")
+
+
+def test_add_adapter_after_unpatch_of_the_inner_model_converts_nothing():
+    pm = peft_model(target_modules=["q_proj"])
+    lora_fast.patch(pm)
+    assert len(lora_fast.unpatch(pm.get_base_model())) == 2
+    pm.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]))
+    assert not any(isinstance(m, _FastForwardMixin) for m in pm.modules())
+
+
+def test_add_adapter_after_patch_warns_only_about_the_new_layers(recwarn):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(RuntimeWarning, match="embed_tokens"):
+        lora_fast.patch(pm)
+    recwarn.clear()
+    pm.add_adapter("x", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj"]))
+    assert not [w for w in recwarn if "lora_fast" in str(w.message)]
+    assert sum(isinstance(m, _FastForwardMixin) for m in pm.modules()) == 4

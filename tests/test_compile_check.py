@@ -312,3 +312,6 @@ def test_compile_check_that_compiles_nothing_fails(capsys):
     # a typo in a filter (or --no-triton without nvcc) used to print "compile_check: OK"
     assert cc.main(["--kernel", "no_such_kernel", "--no-cuda", "--quiet"]) == 1
     assert cc.main(["--no-triton", "--no-cuda"]) == 1
+    # a config the prune function never offers to the variant ("n/a") is not a compilation
+    assert cc.main(["--kernel", "lowrank.dy_pass_kernel", "--variant", "fp32-r32", "--config",
+                    "BLOCK_M=64,BLOCK_N=64,w4,s3", "--arch", "80", "--jobs", "1", "--no-cuda", "--quiet"]) == 1
