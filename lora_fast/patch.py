@@ -522,6 +522,7 @@ def _convert_layers(model: nn.Module, report: PatchReport, LoraLayer: type, skip
             report.skipped[name] = why
             continue
         mod.__dict__.pop("_lf_nf4_cache", None)
+        mod.__dict__.pop("_lf_unpatched", None)
         base = mod.get_base_layer()
         if _is_bnb_4bit(base):
             _nf4_operand(mod, base)  # built eagerly: torch.compile traces the cached view
@@ -554,7 +555,8 @@ class _TunerMixin:
         old = [m for m in self.modules() if isinstance(m, LoraLayer)]
         before = {id(m) for m in old}
         out = super().inject_adapter(*args, **kwargs)
-        if old and not any(isinstance(m, _FastForwardMixin) for m in old):
+        if (old and not any(isinstance(m, _FastForwardMixin) for m in old)
+                and any(m.__dict__.get("_lf_unpatched") for m in old)):
             return out  # the layers were unpatched since (unpatch of a submodule): leave the new ones too
         report = PatchReport()
         _convert_layers(self, report, LoraLayer, skip_ids=before, prefix="base_model")
@@ -642,6 +644,7 @@ def unpatch(model: nn.Module) -> List[str]:
                 warnings.warn(f"lora_fast.unpatch: {name} keeps its patched class: {why}", RuntimeWarning, stacklevel=2)
                 continue
             mod.__dict__.pop("_lf_nf4_cache", None)
+            mod.__dict__["_lf_unpatched"] = True  # (read by a still-patched LoraModel's inject_adapter)
             restored.append(name)
     return restored
 

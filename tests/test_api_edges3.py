@@ -335,3 +335,13 @@ def test_add_adapter_after_patch_warns_only_about_the_new_layers(recwarn):
     pm.add_adapter("x", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj"]))
     assert not [w for w in recwarn if "lora_fast" in str(w.message)]
     assert sum(isinstance(m, _FastForwardMixin) for m in pm.modules()) == 4
+
+
+def test_add_adapter_after_a_patch_that_skipped_every_layer_still_converts():
+    # a model whose only adapter patch() had to skip (DoRA) got no conversion of later adapters
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    with pytest.warns(RuntimeWarning, match="DoRA"):
+        report = lora_fast.patch(pm)
+    assert report.converted == []
+    pm.add_adapter("plain", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"]))
+    assert sum(isinstance(m, _FastForwardMixin) for m in pm.modules()) == 4
