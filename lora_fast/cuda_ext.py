@@ -1,11 +1,13 @@
 """The CUDA C++ backend: fused NF4 + LoRA GEMV for decode-sized batches (M <= 64).
 
-The kernels live in ``csrc/`` (plain CUDA, no torch headers) with PyTorch bindings in
-``csrc/bindings.cpp``.  They are used from the extension module ``lora_fast._C`` when
-``setup.py`` built it, else they are JIT-compiled with :func:`torch.utils.cpp_extension.load`
-on first use on a GPU machine (a message goes to stderr; the build is cached under
-``$LORA_FAST_CUDA_BUILD_DIR`` or ``~/.cache/lora_fast/cuda_ext``).  Target GPUs come from
-``LORA_FAST_CUDA_ARCHS`` (e.g. ``"80;90"``), default the current GPU.
+The kernels live in ``csrc/`` (plain CUDA, no torch headers; installed as ``lora_fast/csrc``)
+with PyTorch bindings in ``csrc/bindings.cpp``.  They are used from the extension module
+``lora_fast._C`` when ``setup.py`` built it (``pip install --no-build-isolation``), else they
+are JIT-compiled with :func:`torch.utils.cpp_extension.load` on first use on a GPU machine (a
+message goes to stderr; the build is cached under ``$LORA_FAST_CUDA_BUILD_DIR`` or
+``~/.cache/lora_fast/cuda_ext``).  Target GPUs come from ``LORA_FAST_CUDA_ARCHS`` (parsed by
+``lora_fast._archs``, the same rules as ``setup.py``: e.g. ``"80;90"``, ``"8.0 9.0"``,
+``"sm_90a"``), default the current GPU.
 
 What runs where:
 
@@ -31,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _backend
+from . import _archs, _backend
 from ._operand import NF4Operand
 
 __all__ = [
@@ -83,15 +85,9 @@ def _sources(csrc: str) -> List[str]:
 
 def _arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST form ("8.0;9.0") of LORA_FAST_CUDA_ARCHS, default the current GPU."""
-    env = os.environ.get("LORA_FAST_CUDA_ARCHS", "").replace(",", ";").strip()
+    env = os.environ.get(_archs.ENV, "").strip()
     if env:
-        out = []
-        for a in filter(None, (s.strip() for s in env.split(";"))):
-            a = a.replace("sm_", "").replace("compute_", "")
-            if "." not in a:
-                a = f"{a[:-1]}.{a[-1]}" if not a.endswith("a") else f"{a[:-2]}.{a[-2:]}"
-            out.append(a)
-        return ";".join(out)
+        return _archs.arch_list(_archs.parse(env))
     major, minor = torch.cuda.get_device_capability()
     return f"{major}.{minor}"
 
