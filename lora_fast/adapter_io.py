@@ -357,6 +357,13 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     dropouts = collections.Counter()
     for s in slots:
         A, B = s.A, s.B
+        if _is_sharded(A) or _is_sharded(B):
+            raise ValueError(
+                f"{s.path}: lora_A/lora_B are sharded DTensors (FSDP2's fully_shard), which save_adapter cannot "
+                "write: gather a full state dict on every rank, e.g. torch.distributed.checkpoint.state_dict."
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), "
+                "and save its lora_A/lora_B entries on rank 0, or save with torch.distributed.checkpoint"
+            )
         r, alpha, use_rslora, p, scaling = s.hparams()
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] != r:
             raise ValueError(
@@ -436,6 +443,14 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
             fh.write("\n")
 
     _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+
+
+def _is_sharded(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch without torch.distributed
+        return False
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
 def _slot_merged(slot) -> bool:

@@ -416,7 +416,9 @@ def lora_linear(
     if x.dtype is torch.float64:  # no kernel computes in fp64 (as PEFT does on a float64 model)
         return _plain_autograd(x, _dense(base, x.dtype), bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                "float64 activations (the kernels compute in float16, bfloat16 or float32)")
-    if not math.isfinite(float(scaling)):
+    # (not while compiling: under torch.compile(dynamic=True) the scaling is a symbolic float,
+    # which math.isfinite cannot take without a graph break; the kernels' launchers check it)
+    if not torch.compiler.is_compiling() and not math.isfinite(float(scaling)):
         raise ValueError(f"scaling must be finite, got {scaling!r}")
     lead = xs[:-1]
     if torch._C._are_functorch_transforms_active():

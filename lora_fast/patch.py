@@ -129,6 +129,25 @@ class _FastForwardMixin:
                 return y
         return _run_spec(spec)
 
+    def merge(self, *args, **kwargs):
+        out = super().merge(*args, **kwargs)
+        self._lf_refresh_nf4()
+        return out
+
+    def unmerge(self, *args, **kwargs):
+        out = super().unmerge(*args, **kwargs)
+        self._lf_refresh_nf4()
+        return out
+
+    def _lf_refresh_nf4(self) -> None:
+        """PEFT's merge/unmerge of a 4-bit base re-quantises it into a new Params4bit: build its
+        NF4 view now, eagerly, so that an already-compiled model traces the new weight's view
+        instead of stopping at one built for the old weight."""
+        self.__dict__.pop("_lf_nf4_cache", None)
+        base = self.get_base_layer()
+        if _is_bnb_4bit(base) and not torch.compiler.is_compiling():
+            _nf4_operand(self, base)
+
     def _lf_spec(self, x: Tensor, args=(), kwargs=None):
         """What the fast path runs for input ``x``: ``(x in the compute dtype, base, bias, A, B,
         s, p, output dtype or None)``; None where PEFT's own forward must run (fallbacks are

@@ -345,3 +345,41 @@ def test_add_adapter_after_a_patch_that_skipped_every_layer_still_converts():
     assert report.converted == []
     pm.add_adapter("plain", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"]))
     assert sum(isinstance(m, _FastForwardMixin) for m in pm.modules()) == 4
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+def test_compile_dynamic_fullgraph_on_lora_layers(monkeypatch):
+    # the finite-scaling check called math.isfinite on the symbolic scaling of dynamic=True:
+    # fullgraph=True failed, and without it every LoRA layer broke the graph
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    lora_fast.apply_lora(model, target_modules=["0", "2"], r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    compiled = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)
+    for m in (3, 7):
+        x = torch.randn(m, 32)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_compiled_qlora_model_survives_merge_and_unmerge(monkeypatch):
+    # PEFT's unmerge re-quantises the 4-bit base into a new Params4bit: the compiled model met a
+    # stale NF4 view and stopped with "Observed exception"; the patched layer now rebuilds it
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch._dynamo.reset()
+    pm = peft_model(nf4=True, target_modules=["q_proj", "v_proj"]).eval()
+    lora_fast.patch(pm)
+    ids = batch()["input_ids"]
+    compiled = torch.compile(pm, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        torch.testing.assert_close(compiled(input_ids=ids).logits, want)
+        pm.merge_adapter()
+        torch.testing.assert_close(compiled(input_ids=ids).logits, pm(input_ids=ids).logits)  # (re-quantised)
+        pm.unmerge_adapter()
+        torch.testing.assert_close(compiled(input_ids=ids).logits, pm(input_ids=ids).logits)

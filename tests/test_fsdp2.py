@@ -104,8 +104,19 @@ def _worker(rank, port, out_dir):
             fully_shard(model, mesh=mesh, ignored_params=ignored)
             model(input_ids=ids, labels=ids).loss.backward()
             grads = _full_grads(model)
+            # save_adapter cannot write sharded adapters: a clear error, not safetensors' "invalid
+            # python storage" (raised before any file or collective)
+            import lora_fast
+
+            try:
+                lora_fast.save_adapter(model, os.path.join(out_dir, f"adapter_{key}_{rank}"))
+                save_msg = "no error"
+            except ValueError as exc:
+                save_msg = str(exc)
             if rank == 0:
                 torch.save(grads, os.path.join(out_dir, f"{key}.pt"))
+                with open(os.path.join(out_dir, f"{key}_save.txt"), "w") as fh:
+                    fh.write(save_msg)
         # sharding the bitsandbytes weights too: the patched layer must say what is unsupported
         model = _peft_qlora_patched().train()
         for layer in _layers(model):
@@ -144,5 +155,7 @@ def test_fsdp2_gloo_two_processes_matches_single_process(tmp_path):
         assert got.keys() == expected.keys() and len(got) == 28, key
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=f"{key}: {name}")
+        save_msg = open(os.path.join(tmp_path, f"{key}_save.txt")).read()
+        assert "sharded DTensors" in save_msg and "get_model_state_dict" in save_msg, save_msg
     msg = open(os.path.join(tmp_path, "sharded_bnb.txt")).read()
     assert "FSDP2" in msg and "ignored_params" in msg and "quant_state" in msg, msg
