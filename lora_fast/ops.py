@@ -307,7 +307,9 @@ def lora_bwd(
     base = _operand(weight, absmax, absmax2, code2, code, nf4_meta, offset)
     s = int(seed.item()) if dropout_p > 0 else 0
     out = _backward_impl(dy, x, xa, base, A, B, scaling, dropout_p, s, [bool(v) for v in needs])
-    return tuple(t if t is not None else dy.new_empty(0) for t in out)
+    # an output not needed is an empty tensor in that gradient's dtype (as the fake kernel says)
+    dtypes = (x.dtype, A.dtype, B.dtype, dy.dtype)
+    return tuple(t if t is not None else dy.new_empty(0, dtype=dt) for t, dt in zip(out, dtypes))
 
 
 @lora_bwd.register_fake

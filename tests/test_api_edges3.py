@@ -383,3 +383,19 @@ def test_compiled_qlora_model_survives_merge_and_unmerge(monkeypatch):
         torch.testing.assert_close(compiled(input_ids=ids).logits, pm(input_ids=ids).logits)  # (re-quantised)
         pm.unmerge_adapter()
         torch.testing.assert_close(compiled(input_ids=ids).logits, pm(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("needs", [[1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 0]])
+def test_lora_bwd_unneeded_gradients_match_the_fake_kernel(needs, monkeypatch):
+    # fp16 activations with fp32 adapters: an unneeded gradient's placeholder was fp16 in the real
+    # op and fp32 in the fake one (opcheck's test_faketensor failed)
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    x = torch.randn(7, 64, dtype=torch.float16)
+    w = torch.randn(33, 64, dtype=torch.float16) * 0.1
+    A, B = torch.randn(4, 64) * 0.1, torch.randn(33, 4) * 0.1
+    seed = torch.tensor(0)
+    y, xa = torch.ops.lora_fast.lora_fwd(x, w, None, None, None, None, None, A, B, seed, 2.0, 0.0, [], 0.0)
+    args = (torch.randn_like(y), x, xa, w, None, None, None, None, A, B, seed, 2.0, 0.0, [], 0.0, needs)
+    torch.library.opcheck(torch.ops.lora_fast.lora_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
