@@ -56,7 +56,7 @@ def _cuda_extension():
         _note("nvcc not found (CUDA_HOME unset): the CUDA extension compiles on first use, if nvcc is there then")
         return None
     archs_mod = _load_archs()
-    archs = archs_mod.parse(os.environ.get(archs_mod.ENV, archs_mod.DEFAULT))  # ValueError names a bad entry
+    archs = archs_mod.from_env(os.environ)  # (blank: the default; a bad entry raises ValueError naming it)
     csrc = os.path.join(HERE, "csrc")
     if not os.path.isdir(csrc):
         _note(f"{csrc} is missing: no CUDA extension")

@@ -275,6 +275,8 @@ def lora_fwd(
     nf4_meta: List[int],
     offset: float,
 ) -> Tuple[Tensor, Tensor]:
+    if not math.isfinite(scaling):  # (checked here for compiled graphs, where lora_linear's check is skipped)
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
     base = _operand(weight, absmax, absmax2, code2, code, nf4_meta, offset)
     return _forward_impl(x, base, bias, A, B, scaling, dropout_p, int(seed.item()) if dropout_p > 0 else 0)
 
@@ -419,7 +421,7 @@ def lora_linear(
         return _plain_autograd(x, _dense(base, x.dtype), bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                "float64 activations (the kernels compute in float16, bfloat16 or float32)")
     # (not while compiling: under torch.compile(dynamic=True) the scaling is a symbolic float,
-    # which math.isfinite cannot take without a graph break; the kernels' launchers check it)
+    # which math.isfinite cannot take without a graph break; the custom op checks it at run time)
     if not torch.compiler.is_compiling() and not math.isfinite(float(scaling)):
         raise ValueError(f"scaling must be finite, got {scaling!r}")
     lead = xs[:-1]

@@ -367,6 +367,17 @@ def test_compile_dynamic_fullgraph_on_lora_layers(monkeypatch):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_non_finite_scaling_is_refused_in_a_compiled_model(dynamic, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_BACKEND", "torch")
+    torch._dynamo.reset()
+    layer = lora_fast.LoRALinear.from_linear(nn.Linear(16, 8), r=2)
+    layer.scaling = float("nan")
+    compiled = torch.compile(layer, backend="eager", dynamic=dynamic)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        compiled(torch.randn(3, 16))
+
+
 def test_compiled_qlora_model_survives_merge_and_unmerge(monkeypatch):
     # PEFT's unmerge re-quantises the 4-bit base into a new Params4bit: the compiled model met a
     # stale NF4 view and stopped with "Observed exception"; the patched layer now rebuilds it

@@ -22,13 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("80; 90", ["8.0", "9.0"]),
     ("90a", ["9.0a"]),
     ("compute_120", ["12.0"]),
+    ("8.0;8.6+PTX", ["8.0", "8.6+PTX"]),
 ])
 def test_cuda_archs_parsing(value, want, monkeypatch):
     assert _archs.parse(value) == want
     monkeypatch.setenv(_archs.ENV, value)
     assert cuda_ext._arch_list() == ";".join(want)  # the first-use build reads it the same way
     flags = _archs.gencode_flags(want)
-    assert flags[1::2] == [f"arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}" for a in want]
+    nums = [a.replace("+PTX", "").replace(".", "") for a in want]
+    assert [f for f in flags[1::2] if "code=sm_" in f] == [f"arch=compute_{n},code=sm_{n}" for n in nums]
+    ptx = [n for a, n in zip(want, nums) if a.endswith("+PTX")]
+    assert [f for f in flags[1::2] if "code=compute_" in f] == [f"arch=compute_{n},code=compute_{n}" for n in ptx]
+
+
+def test_blank_cuda_archs_is_the_default():
+    assert _archs.from_env({_archs.ENV: "  "}) == _archs.from_env({}) == ["8.0", "8.6", "9.0"]
 
 
 @pytest.mark.parametrize("value", ["bogus", "8.0.1", "", ";", "sm_"])
