@@ -701,7 +701,7 @@ def _base_tensor(slot: "_Slot", which: str) -> Optional[Tensor]:
     """The dense base weight / bias of a LoRA layer (None: it has none, e.g. an NF4 base)."""
     m = slot.module
     base = m.get_base_layer() if slot.adapter is not None else m
-    t = getattr(base, which, None) if not isinstance(m, NF4LoRALinear) or which == "bias" else None
+    t = getattr(base, which, None)  # (an NF4LoRALinear's weight is an NF4Tensor, not a Tensor)
     if not isinstance(t, Tensor) or not t.is_floating_point() or hasattr(t, "quant_state"):
         return None
     return t

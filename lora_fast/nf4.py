@@ -232,6 +232,15 @@ def unpack_bnb_cpu_layout(packed: Tensor, qs):
     return out, work
 
 
+def restore_bnb_layout(p) -> None:
+    """A bitsandbytes ``Params4bit`` that bitsandbytes repacked for its AVX512 CPU kernel (at the
+    first CPU inference forward) back in the standard layout, in place, as bitsandbytes itself
+    does before saving or moving it; any other weight is left alone."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        p.data, p.quant_state = unpack_bnb_cpu_layout(p.data, qs)
+
+
 # --------------------------------------------------------------------------------------------
 # quantisation
 # --------------------------------------------------------------------------------------------
@@ -239,13 +248,15 @@ def unpack_bnb_cpu_layout(packed: Tensor, qs):
 
 def _check_blocksize(blocksize) -> int:
     """``blocksize`` as a Python int (numpy integers accepted, as bitsandbytes does)."""
-    if not isinstance(blocksize, bool):
-        try:
-            blocksize = operator.index(blocksize)
-        except TypeError:
-            pass
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes accepts {SUPPORTED_BLOCKSIZES}")
+    bad = ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes accepts {SUPPORTED_BLOCKSIZES}")
+    if isinstance(blocksize, bool):
+        raise bad
+    try:
+        blocksize = operator.index(blocksize)
+    except TypeError:
+        raise bad from None
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise bad
     return blocksize
 
 
@@ -594,9 +605,11 @@ class NF4Tensor:
             # bitsandbytes repacked it for its AVX512 CPU kernel (first CPU inference forward):
             # back to the standard layout, as bitsandbytes itself does before saving or moving it
             # (a Params4bit in place; a (packed, QuantState) pair is left as it is)
-            packed, qs = unpack_bnb_cpu_layout(packed, qs)
-            if not isinstance(p, (tuple, list)):
-                p.data, p.quant_state = packed, qs
+            if isinstance(p, (tuple, list)):
+                packed, qs = unpack_bnb_cpu_layout(packed, qs)
+            else:
+                restore_bnb_layout(p)
+                packed, qs = p.data, p.quant_state
         if qs.shape is None or qs.dtype is None or qs.blocksize is None:
             raise ValueError("from_bnb: QuantState lacks shape/dtype/blocksize")
         if qs.code is not None and (qs.code.numel() != 16 or not torch.equal(

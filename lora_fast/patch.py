@@ -338,7 +338,7 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
             "or convert the layers with lora_fast.apply_lora / NF4LoRALinear.from_bnb, whose NF4 bytes are buffers."
         )
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-        _restore_bnb_layout(w)
+        nf4_mod.restore_bnb_layout(w)  # (before the cache key, which holds the QuantState)
         qs = w.quant_state
     cached = layer.__dict__.get("_lf_nf4_cache")
     if torch.compiler.is_compiling():
@@ -358,14 +358,6 @@ def _nf4_operand(layer: nn.Module, base_layer: nn.Module) -> NF4Operand:
     op = nf4_mod.NF4Tensor.from_bnb(w).operand()
     layer.__dict__["_lf_nf4_cache"] = (key, op, qs)
     return op
-
-
-def _restore_bnb_layout(w) -> None:
-    """bitsandbytes repacks a 4-bit weight for its AVX512 CPU kernel at the first CPU inference
-    forward; restore the standard layout in place, as bitsandbytes itself does before saving."""
-    qs = getattr(w, "quant_state", None)
-    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-        w.data, w.quant_state = nf4_mod.unpack_bnb_cpu_layout(w.data, qs)
 
 
 def swap_class(mod: nn.Module, new_cls: type) -> Optional[str]:
@@ -455,8 +447,7 @@ def _skip_reason(mod: nn.Module) -> Optional[str]:
     base = mod.get_base_layer()
     if _is_bnb_4bit(base):
         try:
-            _restore_bnb_layout(base.weight)
-            nf4_mod.NF4Tensor.from_bnb(base.weight)
+            nf4_mod.NF4Tensor.from_bnb(base.weight)  # (restores bitsandbytes' CPU packing in place)
         except Exception as exc:
             return f"unsupported 4-bit base layer: {exc}"
     elif type(base) is not nn.Linear:
